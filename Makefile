@@ -1,0 +1,42 @@
+# The README's two commands (`make book`, `make test`) and the maintainer's.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NOTEBOOKS := $(wildcard book/*.ipynb)
+
+.PHONY: book test lint unit notebooks site-test refresh lock vendor clean
+
+# Create the virtual environment and install the pinned dependencies and bnlib (editable).
+$(STAMP): requirements.txt requirements-dev.txt requirements-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c requirements-lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+## Build the site into _build/html (strict: any warning is an error).
+book: $(STAMP)
+	$(VENV)/bin/jupyter-book build --all -W -n --keep-going .
+	@echo "The book: $(abspath _build/html/index.html)"
+
+## Lint, unit tests, notebooks (nbval, strict) and the built site.
+test: book
+	$(PY) -m ruff check bnlib tests scripts
+	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg --durations=10
+
+## Re-execute every notebook in place (fresh kernel, top to bottom).
+refresh: $(STAMP)
+	$(PY) scripts/execute_notebooks.py $(NB)
+
+## Re-pin the exact versions after changing requirements-dev.txt.
+lock: $(STAMP)
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements-lock.txt.new
+	mv requirements-lock.txt.new requirements-lock.txt
+
+## Re-download the vendored browser assets (needs npm).
+vendor:
+	bash scripts/vendor_assets.sh
+
+clean:
+	rm -rf _build

@@ -1,0 +1,37 @@
+"""Where tensors live and how runs are made repeatable."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["pick_device", "seed_everything", "setup"]
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA when available (or ``prefer`` when given, e.g. "cpu"), else the CPU."""
+    if prefer is not None:
+        return torch.device(prefer)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(seed: int = 0, threads: int = 1, prefer: str | None = None) -> torch.device:
+    """Prepare a chapter: fixed seeds, a fixed number of CPU threads, and the device to use.
+
+    Float reductions can change with the number of threads, so the book runs with one
+    thread by default: stored outputs then match wherever they are re-executed on a CPU.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+    seed_everything(seed)
+    return pick_device(prefer)

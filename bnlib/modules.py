@@ -1,0 +1,148 @@
+"""``BatchNorm1d`` and ``BatchNorm2d``: drop-in replacements for torch.nn's, built on bnlib.functional.
+
+Same constructor arguments, parameter and buffer names, train/eval behaviour and state_dict
+layout as ``torch.nn.BatchNorm1d/2d``, so either loads the other's state_dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bnlib import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d"]
+
+
+class _BatchNorm(nn.Module):
+    r"""Shared base: parameters, buffers and the forward pass; subclasses only check dimensions.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Statistics are taken per channel over every dimension except 1. In training mode the batch
+    statistics are used (biased variance) and, with ``track_running_stats``, the running
+    averages are updated (unbiased variance). In eval mode the running averages are used.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
+    """
+
+    _expected_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        if eps < 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.use_bias = affine and bias
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+        if self.use_bias:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+        if self.use_bias:
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._expected_dims:
+            expected = " or ".join(f"{d}D" for d in self._expected_dims)
+            raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        F.check_batch_norm_input(input, self.num_features)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # without running statistics, eval mode normalizes with the batch's own statistics
+        use_batch_stats = self.training or not self.track_running_stats
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.use_bias}, track_running_stats={self.track_running_stats}"
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over (N, C) or (N, C, L) input; see :class:`_BatchNorm`.
+
+    Shape:
+        Input: (N, C) or (N, C, L). Output: same shape as the input.
+    """
+
+    _expected_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over (N, C, H, W) input, per channel over N*H*W values; see :class:`_BatchNorm`.
+
+    Shape:
+        Input: (N, C, H, W). Output: same shape as the input.
+    """
+
+    _expected_dims = (4,)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Download the browser assets the site serves itself (MathJax, require.js, the widget manager)
+# from the npm registry and copy them into book/_assets/vendor.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dest=book/_assets/vendor
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+(cd "$tmp" && npm pack --silent mathjax@3.2.2 requirejs@2.3.8 @jupyter-widgets/html-manager@1.0.15 >/dev/null)
+for f in "$tmp"/*.tgz; do mkdir -p "${f%.tgz}" && tar xzf "$f" -C "${f%.tgz}"; done
+mj="$tmp/mathjax-3.2.2/package/es5"
+rm -rf "$dest/mathjax" && mkdir -p "$dest/mathjax/output/chtml/fonts" "$dest/mathjax/input"
+cp "$mj/tex-chtml.js" "$dest/mathjax/"
+cp -r "$mj/output/chtml/fonts/woff-v2" "$dest/mathjax/output/chtml/fonts/"
+cp -r "$mj/input/tex" "$mj"/input/tex*.js "$dest/mathjax/input/"
+cp -r "$mj/a11y" "$mj/ui" "$dest/mathjax/"
+cp "$tmp/mathjax-3.2.2/package/LICENSE" "$dest/mathjax/LICENSE"
+mkdir -p "$dest/widgets"
+cp "$tmp/requirejs-2.3.8/package/require.js" "$dest/widgets/"
+cp "$tmp/jupyter-widgets-html-manager-1.0.15/package/dist/embed-amd.js" "$dest/widgets/"
+echo "vendored assets refreshed in $dest"

@@ -1,0 +1,126 @@
+"""bnlib.reference: forward values, gradient checks, the two backward passes, bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnlib import reference as ref
+from bnlib.gradcheck import numeric_gradient, numeric_jacobian, rel_error
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def test_forward_normalizes_each_feature(rng):
+    x = rng.normal(3.0, 5.0, size=(64, 7))
+    out, _ = ref.batchnorm_forward(x, np.ones(7), np.zeros(7), eps=0.0)
+    np.testing.assert_allclose(out.mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(out.var(axis=0), 1.0, rtol=1e-12)
+
+
+def test_gamma_beta_can_undo_normalization(rng):
+    x = rng.normal(-2.0, 3.0, size=(16, 4))
+    eps = 1e-5
+    gamma = np.sqrt(x.var(axis=0) + eps)
+    out, _ = ref.batchnorm_forward(x, gamma, x.mean(axis=0), eps=eps)
+    np.testing.assert_allclose(out, x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 0.5])
+def test_backward_matches_numeric_gradient(rng, eps):
+    x = rng.normal(1.0, 2.0, size=(6, 5))
+    gamma, beta = rng.normal(size=5), rng.normal(size=5)
+    dout = rng.normal(size=(6, 5))
+    _, cache = ref.batchnorm_forward(x, gamma, beta, eps)
+    dx, dgamma, dbeta = ref.batchnorm_backward(dout, cache)
+    assert rel_error(dx, numeric_gradient(lambda v: ref.batchnorm_forward(v, gamma, beta, eps)[0], x, dout)) < 1e-8
+    assert rel_error(dgamma, numeric_gradient(lambda g: ref.batchnorm_forward(x, g, beta, eps)[0], gamma, dout)) < 1e-8
+    assert rel_error(dbeta, numeric_gradient(lambda b: ref.batchnorm_forward(x, gamma, b, eps)[0], beta, dout)) < 1e-8
+
+
+def test_graph_backward_agrees_with_compact(rng):
+    x = rng.normal(size=(10, 3))
+    _, cache = ref.batchnorm_forward(x, rng.normal(size=3), rng.normal(size=3))
+    dout = rng.normal(size=(10, 3))
+    for a, b in zip(ref.batchnorm_backward(dout, cache), ref.batchnorm_backward_graph(dout, cache)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_spatial_matches_per_channel_rows(rng):
+    x = rng.normal(size=(3, 4, 5, 6))
+    gamma, beta = rng.normal(size=4), rng.normal(size=4)
+    out, cache = ref.spatial_batchnorm_forward(x, gamma, beta)
+    for c in range(4):
+        v = x[:, c]
+        expected = gamma[c] * (v - v.mean()) / np.sqrt(v.var() + 1e-5) + beta[c]
+        np.testing.assert_allclose(out[:, c], expected, rtol=1e-10, atol=1e-12)
+    dout = rng.normal(size=x.shape)
+    dx, _, _ = ref.spatial_batchnorm_backward(dout, cache)
+    num = numeric_gradient(lambda v: ref.spatial_batchnorm_forward(v, gamma, beta)[0], x, dout)
+    assert rel_error(dx, num) < 1e-8
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-3, 1.0])
+def test_jacobian_is_exact_for_every_eps(rng, eps):
+    x = rng.normal(size=8)
+
+    def normalize(v):
+        return (v - v.mean()) / np.sqrt(v.var() + eps)
+
+    np.testing.assert_allclose(ref.batchnorm_jacobian(x, eps), numeric_jacobian(normalize, x), atol=1e-8)
+
+
+def test_jacobian_is_zero_for_two_values_without_eps():
+    np.testing.assert_allclose(ref.batchnorm_jacobian([0.3, 1.7], eps=0.0), 0.0, atol=1e-12)
+
+
+def test_variance_keeps_digits_with_large_mean():
+    rng = np.random.default_rng(1)
+    x = (1e4 + rng.normal(size=(1000, 2))).astype(np.float32)
+    _, var = ref.batch_mean_var(x)
+    exact = x.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(var, exact, rtol=1e-3)
+
+
+def test_inference_is_the_affine_map(rng):
+    x = rng.normal(size=(5, 3))
+    mean, var = rng.normal(size=3), rng.uniform(0.5, 2, size=3)
+    gamma, beta = rng.normal(size=3), rng.normal(size=3)
+    out = ref.batchnorm_inference(x, mean, var, gamma, beta)
+    np.testing.assert_allclose(out, gamma * (x - mean) / np.sqrt(var + 1e-5) + beta, rtol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 12),
+    d=st.integers(1, 5),
+    scale=st.floats(1e-3, 1e3),
+    offset=st.floats(-1e4, 1e4),
+    seed=st.integers(0, 2**16),
+)
+def test_property_output_is_standardized(n, d, scale, offset, seed):
+    x = np.random.default_rng(seed).normal(offset, scale, size=(n, d))
+    out, cache = ref.batchnorm_forward(x, np.ones(d), np.zeros(d), eps=0.0)
+    spread = x.std(axis=0)
+    ok = spread > 1e-6 * max(1.0, abs(offset))  # features that are not constant to working precision
+    np.testing.assert_allclose(out.mean(axis=0)[ok], 0.0, atol=1e-6)
+    np.testing.assert_allclose(out.std(axis=0)[ok], 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: ref.batchnorm_forward(np.ones((4, 3, 2)), np.ones(3), np.zeros(3)), "shape \\(N, D\\)"),
+        (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(2), np.zeros(3)), "gamma must have shape \\(3,\\)"),
+        (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros((3, 1))), "beta must have shape"),
+        (lambda: ref.batchnorm_forward(np.ones((1, 3)), np.ones(3), np.zeros(3)), "more than 1 value"),
+        (lambda: ref.spatial_batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3)), "\\(N, C, H, W\\)"),
+        (lambda: ref.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), eps=-1), "eps"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
