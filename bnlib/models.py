@@ -1,0 +1,108 @@
+"""Small networks the chapters train, each with a switch for the normalization layer.
+
+``norm`` is a factory: called with a feature count it returns the layer to put between a
+linear/conv layer and its activation (Ioffe & Szegedy's placement), e.g. ``bnlib.BatchNorm1d``,
+``torch.nn.BatchNorm1d``, or None for no normalization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["mlp", "small_cnn", "ACTIVATIONS"]
+
+NormFactory = Callable[[int], nn.Module]
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "identity": nn.Identity,
+}
+
+
+def _activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+def mlp(
+    sizes: Sequence[int],
+    activation: str = "relu",
+    norm: NormFactory | None = None,
+    init_std: float | None = None,
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """A fully connected network, e.g. ``mlp([784, 100, 100, 100, 10], "sigmoid", bnlib.BatchNorm1d)``.
+
+    Hidden layers are Linear -> norm -> activation; the last layer is a plain Linear (logits).
+    With a norm layer the hidden Linear layers have no bias (BN's beta replaces it).
+
+    Args:
+        sizes: input size, hidden sizes..., output size (at least two entries).
+        activation: "sigmoid", "relu", "tanh" or "identity".
+        norm: normalization factory (None: no normalization).
+        init_std: if given, every weight is drawn from N(0, init_std^2) and biases start at 0
+            (the Gaussian initialization of Ioffe & Szegedy's MNIST network); otherwise torch's default.
+        generator: random generator for the initialization (reproducible without global seeding).
+    """
+    if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
+        raise ValueError(f"sizes needs an input and an output size, all positive, got {list(sizes)}")
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        last = i == len(sizes) - 2
+        linear = nn.Linear(fan_in, fan_out, bias=last or norm is None)
+        _init(linear, init_std, generator)
+        layers.append(linear)
+        if not last:
+            if norm is not None:
+                layers.append(norm(fan_out))
+            layers.append(_activation(activation))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    channels: Sequence[int] = (16, 32),
+    image_size: int = 28,
+    norm: NormFactory | None = None,
+    activation: str = "relu",
+    generator: torch.Generator | None = None,
+) -> nn.Sequential:
+    """Conv(3x3) -> norm -> activation -> MaxPool(2) per stage, then global average pooling and a Linear.
+
+    With a norm layer the convolutions have no bias (it would be cancelled by the mean subtraction).
+    ``norm`` is called with the channel count, e.g. ``bnlib.BatchNorm2d``.
+    """
+    if image_size < 2 ** len(channels):
+        raise ValueError(f"image_size {image_size} is too small for {len(channels)} pooling stages")
+    layers: list[nn.Module] = []
+    c_in = in_channels
+    for c_out in channels:
+        conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=norm is None)
+        _init(conv, None, generator)
+        layers += [conv] + ([norm(c_out)] if norm is not None else []) + [_activation(activation), nn.MaxPool2d(2)]
+        c_in = c_out
+    head = nn.Linear(c_in, num_classes)
+    _init(head, None, generator)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), head]
+    return nn.Sequential(*layers)
+
+
+def _init(layer: nn.Linear | nn.Conv2d, std: float | None, generator: torch.Generator | None) -> None:
+    """Gaussian N(0, std^2) weights and zero bias, or (std None) torch's default uniform init."""
+    with torch.no_grad():
+        if std is not None:
+            layer.weight.normal_(0.0, std, generator=generator)
+            if layer.bias is not None:
+                layer.bias.zero_()
+        else:
+            fan_in = layer.weight[0].numel()
+            bound = 1.0 / fan_in**0.5  # torch's default: kaiming_uniform(a=sqrt(5)) gives this bound
+            layer.weight.uniform_(-bound, bound, generator=generator)
+            if layer.bias is not None:
+                layer.bias.uniform_(-bound, bound, generator=generator)
