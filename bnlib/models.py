@@ -51,6 +51,7 @@ def mlp(
     """
     if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
         raise ValueError(f"sizes needs an input and an output size, all positive, got {list(sizes)}")
+    _activation(activation)  # reject an unknown name even when there is no hidden layer
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         last = i == len(sizes) - 2
