@@ -1,0 +1,158 @@
+"""Measurements on a network: accuracy, layer inputs, their percentiles, saturation, gradient norms.
+
+Every function leaves the model as it found it: training/eval mode, parameters, buffers (BN's
+running statistics) and ``.grad`` fields are unchanged, so measurements can be taken in the
+middle of training (see :mod:`bnlib.training`). Everything is vectorized over units and examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "preserved",
+    "evaluate",
+    "layer_inputs",
+    "percentiles",
+    "sigmoid_saturation",
+    "grad_norms",
+    "flat_grad",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, train: bool | None = None) -> Iterator[nn.Module]:
+    """Run a block with ``model`` in train (True) or eval (False) mode, then restore mode and buffers.
+
+    Buffers (e.g. running means) are restored too, so a training-mode forward pass inside the
+    block does not move BN's running statistics.
+    """
+    was_training = model.training
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    if train is not None:
+        model.train(train)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float, float]:
+    """Mean loss and accuracy (fraction of argmax predictions equal to ``y``) in eval mode."""
+    with preserved(model, train=False):
+        dev = _device(model)
+        logits = model(x.to(dev))
+        y = y.to(dev)
+        loss = loss_fn(logits, y)
+        acc = (logits.argmax(dim=1) == y).float().mean()
+    return float(loss), float(acc)
+
+
+def layer_inputs(
+    model: nn.Module,
+    x: Tensor,
+    kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.Sigmoid,
+    train: bool = False,
+) -> list[Tensor]:
+    """The inputs that every submodule of type ``kind`` receives when ``model`` runs on ``x``.
+
+    For ``kind=nn.Sigmoid`` in a Linear -> BN -> sigmoid network these are the sigmoid inputs
+    (pre-activations) of each hidden layer, in forward order, each (N, units). Runs in eval mode by
+    default (``train=True``: batch statistics, with running statistics left untouched).
+    """
+    targets = [m for m in model.modules() if isinstance(m, kind)]
+    if not targets:
+        raise ValueError(f"the model has no submodule of type {kind}")
+    captured: dict[int, Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, i=i: captured.__setitem__(i, inp[0].detach()))
+        for i, m in enumerate(targets)
+    ]
+    try:
+        with torch.no_grad(), preserved(model, train=train):
+            model(x.to(_device(model)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [captured[i] for i in range(len(targets))]
+
+
+def percentiles(z: Tensor, q: Sequence[float] = (15, 50, 85)) -> Tensor:
+    """Per-unit percentiles over the examples: ``z`` is (N, units), the result (len(q), units).
+
+    Percentiles are in 0..100 and interpolate linearly (``torch.quantile``), as in Ioffe &
+    Szegedy's Fig. 1(b, c), which follows the {15, 50, 85}th percentiles of one sigmoid's input.
+    """
+    if z.dim() != 2:
+        raise ValueError(f"z must be (examples, units), got shape {tuple(z.shape)}")
+    if any(not 0 <= p <= 100 for p in q):
+        raise ValueError(f"percentiles must lie in 0..100, got {list(q)}")
+    qs = torch.tensor([p / 100 for p in q], dtype=z.dtype, device=z.device)
+    return torch.quantile(z, qs, dim=0)
+
+
+def sigmoid_saturation(z: Tensor, margin: float = 0.05, dim: int | None = None) -> Tensor:
+    """Fraction of sigmoid inputs ``z`` whose output lies within ``margin`` of 0 or 1.
+
+    sigma(z) < margin or > 1 - margin  <=>  |z| > log((1 - margin) / margin) (2.94 for 0.05);
+    there the local gradient sigma'(z) = sigma(z)(1 - sigma(z)) is below margin(1 - margin).
+    ``dim=None`` averages over everything; ``dim=0`` gives one fraction per unit.
+    """
+    if not 0 < margin < 0.5:
+        raise ValueError(f"margin must lie in (0, 0.5), got {margin}")
+    threshold = math.log((1 - margin) / margin)
+    sat = (z.abs() > threshold).float()
+    return sat.mean() if dim is None else sat.mean(dim=dim)
+
+
+def _gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, params: list[Tensor]) -> tuple[Tensor, ...]:
+    with preserved(model, train=True):
+        dev = _device(model)
+        loss = loss_fn(model(x.to(dev)), y.to(dev))
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def grad_norms(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn = F.cross_entropy,
+    kind: type[nn.Module] | tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+) -> Tensor:
+    """Euclidean norm of the loss gradient w.r.t. the weight of every ``kind`` layer, in forward order.
+
+    Computed on the batch ``(x, y)`` in training mode (batch statistics, as during training), with
+    ``torch.autograd.grad``: ``.grad`` fields and running statistics stay untouched.
+    Returns a 1-D tensor, one norm per layer.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, kind)]
+    if not weights:
+        raise ValueError(f"the model has no submodule of type {kind}")
+    grads = _gradients(model, x, y, loss_fn, weights)
+    return torch.stack(
+        [g.norm() if g is not None else torch.zeros((), device=w.device) for g, w in zip(grads, weights)]
+    )
+
+
+def flat_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy) -> Tensor:
+    """The gradient of the loss on ``(x, y)`` w.r.t. all trainable parameters, as one flat vector."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = _gradients(model, x, y, loss_fn, params)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])

@@ -1,0 +1,44 @@
+"""bnlib.widgets: frames, linked slider, per-layer histograms."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from bnlib import widgets  # noqa: E402
+
+
+def _png():
+    fig, ax = plt.subplots()
+    ax.plot([0, 1])
+    png = widgets.figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+def test_frame_slider_links_slider_and_stack():
+    pytest.importorskip("ipywidgets")
+    png = _png()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    box = widgets.frame_slider([png, png], ["0", "100"], value=1)
+    slider, stack = box.children
+    assert slider.index == 1 and stack.selected_index == 1
+    assert [c.value for c in stack.children] == [png, png]
+    with pytest.raises(ValueError, match="one label per frame"):
+        widgets.frame_slider([png], ["0", "1"])
+    with pytest.raises(ValueError, match="distinct"):
+        widgets.frame_slider([png, png], ["0", "0"])
+
+
+def test_plot_layer_distributions_draws_one_outline_per_network():
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(1, 3)
+    samples = {"a": rng.normal(size=(3, 50)), "b": rng.normal(size=(3, 50)) * 20}
+    widgets.plot_layer_distributions(axes, samples, {"a": "red", "b": "blue"}, titles=["1", "2", "3"])
+    assert all(len(ax.patches) == 2 for ax in axes) and axes[2].get_title() == "3"
+    with pytest.raises(ValueError, match="layers"):
+        widgets.plot_layer_distributions(axes[:2], samples, {"a": "red", "b": "blue"})
+    plt.close(fig)
