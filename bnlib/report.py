@@ -10,7 +10,7 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["Table", "glue", "upper_decade"]
+__all__ = ["Table", "bound", "glue", "upper_decade"]
 
 
 def upper_decade(x: float) -> float:
@@ -25,6 +25,12 @@ def upper_decade(x: float) -> float:
     if x == 0.0:
         return 0.0
     return 10.0 ** math.ceil(math.log10(x))
+
+
+def bound(x: float) -> str:
+    """Text for a small non-negative quantity: "0" when exactly zero, else "< 1e-06"-style (its upper decade)."""
+    d = upper_decade(x)
+    return "0" if d == 0 else f"< {d:.0e}"
 
 
 class Table:
@@ -62,8 +68,12 @@ class Table:
 def glue(name: str, value: object, display: bool = False) -> None:
     """Store ``value`` under ``name`` for the book's text (``{glue:text}`name```) via myst-nb.
 
-    Where myst-nb is not installed (Colab, a bare kernel) this does nothing, so chapters run anywhere.
+    NumPy and torch scalars are stored as plain Python numbers (NumPy 2 would otherwise store
+    ``np.float64(...)``, which the text formats cannot read). Where myst-nb is not installed (Colab,
+    a bare kernel) this does nothing, so chapters run anywhere.
     """
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()
     try:
         from myst_nb import glue as myst_glue
     except ImportError:
