@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -41,6 +42,7 @@ __all__ = [
     "gradient_norm_bound",
     "filter_normalized_direction",
     "loss_surface",
+    "landscape_recorder",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -291,3 +293,37 @@ def loss_surface(
         for j, a in enumerate(coords):
             out[i, j] = float(loss(theta + a * d1 + b * d2))
     return out
+
+
+def landscape_recorder(
+    lr: float,
+    multipliers: Sequence[float] = (0.5, 1.0, 2.0, 3.0, 4.0),
+    loss_fn: LossFn = F.cross_entropy,
+    ics: bool = True,
+) -> Callable[[object], dict[str, object]]:
+    """A recorder for :func:`bnlib.training.train` that probes the landscape where training stands.
+
+    At each record step it runs :func:`probe_along_gradient` on the batch the model trains on next,
+    with step sizes ``lr * multipliers``, and (``ics=True``) :func:`internal_covariate_shift` with
+    learning rate ``lr``. Recorded names: ``loss_range``, ``grad_change``, ``beta``, ``grad_norm``,
+    and ``ics_l2``, ``ics_cosine``, ``ics_relative`` (one value per measured layer).
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    etas = [lr * float(k) for k in multipliers]
+
+    def recorder(state) -> dict[str, object]:
+        obj = ModelObjective(state.model, loss_fn, state.x, state.y)
+        p = probe_along_gradient(obj, obj.theta(), etas)
+        out: dict[str, object] = {
+            "loss_range": p.loss_range,
+            "grad_change": p.grad_change,
+            "beta": p.beta,
+            "grad_norm": p.grad_norm,
+        }
+        if ics:
+            m = internal_covariate_shift(state.model, loss_fn, state.x, state.y, lr)
+            out.update(ics_l2=m.l2, ics_cosine=m.cosine, ics_relative=m.relative)
+        return out
+
+    return recorder

@@ -189,3 +189,18 @@ def test_deep_linear_network_layout_and_data():
     torch.testing.assert_close(plain(x), x @ w.T)
     with pytest.raises(ValueError):
         deep_linear.deep_linear_network(depth=0)
+
+
+def test_landscape_recorder_inside_the_training_loop():
+    from bnlib import training
+
+    net = small_bn_net()
+    x, y = batch(n=64)
+    hist = training.train(
+        net, x, y, steps=4, batch_size=16, lr=0.1, record_at=[0, 4], recorders=[landscape.landscape_recorder(0.1)]
+    )
+    assert hist.steps == [0, 4]
+    assert hist["beta"].shape == (2,) and hist["ics_cosine"].shape == (2, 2)
+    assert np.all(hist["loss_range"] >= 0) and np.all(np.abs(hist["ics_cosine"]) <= 1 + 1e-6)
+    with pytest.raises(ValueError, match="lr"):
+        landscape.landscape_recorder(0.0)
