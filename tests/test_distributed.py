@@ -1,0 +1,83 @@
+"""bnlib.distributed: a real 2-process gloo job on 127.0.0.1 (a few seconds), and the single-process fallback."""
+
+import pytest
+import torch
+from torch import nn
+
+import bnlib
+import bnlib.models
+from bnlib import distributed as D
+from bnlib import norms
+
+torch.set_num_threads(1)
+
+
+def _data(n=96, features=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g) * 2 + 1
+    y = torch.randint(0, 4, (n,), generator=g)
+    return x, y
+
+
+def test_sync_bn_equals_bn_on_the_concatenated_batch():
+    results = D.launch(D.exactness_check, 2, (4, 3, 0))
+    for r in results:
+        for key in ("output", "input_grad", "param_grad", "running_stats"):
+            assert r[key] < 1e-5, (key, r[key])
+        assert r["local_bn_output"] > 0.1  # per-process statistics are not the global ones
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_data_parallel_training_equals_one_process(sync):
+    """Synced BN trains exactly like BN on the global batch; per-process BN like ghost batches of that size."""
+    x, y = _data()
+    sizes, per_process, steps = (20, 16, 16, 4), 4, 12
+    runs = D.launch(D.train_data_parallel, 2, (x, y, sync, sizes, per_process, steps, 0.05, 3))
+    norm = bnlib.BatchNorm1d if sync else norms.factory("ghost", ghost_size=per_process)
+    ref = D.train_one_process(x, y, norm, sizes, 2 * per_process, steps, 0.05, 3)
+    torch.testing.assert_close((runs[0]["losses"] + runs[1]["losses"]) / 2, ref["losses"], rtol=1e-4, atol=1e-4)
+    for name, value in ref["state"].items():
+        if "running" in name or "num_batches" in name:
+            continue
+        for run in runs:  # the parameters are the same in both processes
+            torch.testing.assert_close(run["state"][name], value, rtol=1e-4, atol=1e-4)
+    if sync:  # synchronized running statistics are those of the global batch
+        torch.testing.assert_close(
+            runs[0]["state"]["1.running_var"], ref["state"]["1.running_var"], rtol=1e-3, atol=1e-4
+        )
+    else:
+        assert not torch.allclose(runs[0]["state"]["1.running_mean"], runs[1]["state"]["1.running_mean"])
+
+
+def test_torch_sync_batchnorm_refuses_cpu_tensors():
+    messages = D.launch(D.try_torch_sync_batchnorm, 2)
+    assert all(m is not None and "GPU" in m for m in messages), messages
+
+
+def test_launch_reports_a_failing_worker():
+    with pytest.raises(RuntimeError, match="failed"):
+        D.launch(D.exactness_check, 2, (4, "not a number"), timeout_s=30)
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (4, 3, 4, 4)])
+def test_single_process_fallback_matches_torch_sync_batchnorm(shape):
+    """Without a process group torch.nn.SyncBatchNorm runs on the CPU (as plain BN): same layout and outputs."""
+    ours, theirs = D.SyncBatchNorm(3, momentum=0.2), nn.SyncBatchNorm(3, momentum=0.2)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    for mode in (True, True, False):
+        ours.train(mode), theirs.train(mode)
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_convert_sync_batchnorm_keeps_parameters_and_buffers():
+    net = bnlib.models.mlp([5, 6, 3], norm=nn.BatchNorm1d)
+    net[1].running_mean.fill_(0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    net = D.SyncBatchNorm.convert_sync_batchnorm(net)
+    assert isinstance(net[1], D.SyncBatchNorm)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, before[k])
