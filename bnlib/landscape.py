@@ -300,13 +300,15 @@ def landscape_recorder(
     multipliers: Sequence[float] = (0.5, 1.0, 2.0, 3.0, 4.0),
     loss_fn: LossFn = F.cross_entropy,
     ics: bool = True,
+    layers: Sequence[str] | None = None,
 ) -> Callable[[object], dict[str, object]]:
     """A recorder for :func:`bnlib.training.train` that probes the landscape where training stands.
 
     At each record step it runs :func:`probe_along_gradient` on the batch the model trains on next,
     with step sizes ``lr * multipliers``, and (``ics=True``) :func:`internal_covariate_shift` with
-    learning rate ``lr``. Recorded names: ``loss_range``, ``grad_change``, ``beta``, ``grad_norm``,
-    and ``ics_l2``, ``ics_cosine``, ``ics_relative`` (one value per measured layer).
+    learning rate ``lr`` on ``layers`` (default: every weighted layer but the first). Recorded
+    names: ``loss_range``, ``grad_change``, ``beta``, ``grad_norm``, and ``ics_l2``,
+    ``ics_cosine``, ``ics_relative`` (one value per measured layer).
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
@@ -322,7 +324,7 @@ def landscape_recorder(
             "grad_norm": p.grad_norm,
         }
         if ics:
-            m = internal_covariate_shift(state.model, loss_fn, state.x, state.y, lr)
+            m = internal_covariate_shift(state.model, loss_fn, state.x, state.y, lr, layers)
             out.update(ics_l2=m.l2, ics_cosine=m.cosine, ics_relative=m.relative)
         return out
 

@@ -202,5 +202,9 @@ def test_landscape_recorder_inside_the_training_loop():
     assert hist.steps == [0, 4]
     assert hist["beta"].shape == (2,) and hist["ics_cosine"].shape == (2, 2)
     assert np.all(hist["loss_range"] >= 0) and np.all(np.abs(hist["ics_cosine"]) <= 1 + 1e-6)
+    one = landscape.landscape_recorder(0.1, layers=["6.weight"])(
+        training.TrainState(0, net, None, x[:16], y[:16], None)
+    )
+    assert one["ics_cosine"].shape == (1,)
     with pytest.raises(ValueError, match="lr"):
         landscape.landscape_recorder(0.0)
