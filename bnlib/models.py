@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["mlp", "small_cnn", "ACTIVATIONS"]
+__all__ = ["mlp", "small_cnn", "he_init_", "ACTIVATIONS"]
 
 NormFactory = Callable[[int], nn.Module]
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -92,6 +92,21 @@ def small_cnn(
     _init(head, None, generator)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), head]
     return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def he_init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """He (Kaiming) initialization in place: every Linear/Conv weight from N(0, 2 / fan_in), biases 0.
+
+    The variance that keeps the scale of ReLU activations constant from layer to layer (He et al.
+    2015); fan_in counts the inputs of one output unit. Returns the model.
+    """
+    for layer in model.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            layer.weight.normal_(0.0, (2.0 / layer.weight[0].numel()) ** 0.5, generator=generator)
+            if layer.bias is not None:
+                layer.bias.zero_()
+    return model
 
 
 def _init(layer: nn.Linear | nn.Conv2d, std: float | None, generator: torch.Generator | None) -> None:

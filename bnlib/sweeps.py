@@ -1,0 +1,189 @@
+"""Learning-rate and initialization sweeps: train one network per setting and seed, return arrays.
+
+:func:`lr_sweep` trains ``build(seed)`` once per learning rate and seed; :func:`init_sweep` trains
+``build(std, seed)`` once per initialization scale and seed at a fixed learning rate. Both use
+:func:`bnlib.training.train` (plain SGD unless an optimizer factory is given) and record test
+accuracy and loss every ``record_every`` steps. The :class:`Sweep` they return holds the results as
+arrays indexed ``[seed, setting, record]`` for plotting, with the summaries the chapters report:
+the first step at which a target accuracy is reached, and whether a run trained at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnlib.data import Split
+from bnlib.training import History, Recorder, every, test_metrics, train
+
+__all__ = ["Sweep", "lr_sweep", "init_sweep"]
+
+
+@dataclass
+class Sweep:
+    """Results of a sweep.
+
+    Attributes:
+        values: the swept settings (learning rates or initialization scales), shape (V,).
+        seeds: the seeds, length S.
+        steps: the recorded steps, length R (0 and the last step included).
+        accuracy: test accuracy, shape (S, V, R).
+        loss: test loss (NaN where the run diverged), shape (S, V, R).
+        train_loss: training loss of every update, shape (S, V, steps).
+        histories: the full :class:`bnlib.training.History` of each run, ``histories[s][v]``.
+    """
+
+    values: np.ndarray
+    seeds: list[int]
+    steps: list[int]
+    accuracy: np.ndarray
+    loss: np.ndarray
+    train_loss: np.ndarray
+    histories: list[list[History]]
+
+    def steps_to(self, target: float) -> np.ndarray:
+        """First recorded step with test accuracy >= ``target``, shape (S, V); NaN where never reached."""
+        reached = self.accuracy >= target
+        first = np.argmax(reached, axis=-1)
+        out = np.asarray(self.steps, dtype=float)[first]
+        out[~reached.any(axis=-1)] = np.nan
+        return out
+
+    def best_accuracy(self) -> np.ndarray:
+        """Highest recorded test accuracy of each run, shape (S, V)."""
+        return self.accuracy.max(axis=-1)
+
+    def trained(self, threshold: float = 0.5) -> np.ndarray:
+        """Whether each run trained: finite final training loss and some test accuracy >= ``threshold``, (S, V)."""
+        finite = (
+            np.isfinite(self.train_loss[..., -1])
+            if self.train_loss.shape[-1]
+            else np.ones(self.accuracy.shape[:2], bool)
+        )
+        return finite & (self.best_accuracy() >= threshold)
+
+    def largest_trained(self, threshold: float = 0.5) -> np.ndarray:
+        """Per seed, the largest swept value whose run trained (NaN if none), shape (S,)."""
+        ok = self.trained(threshold)
+        out = np.full(len(self.seeds), np.nan)
+        for s in range(len(self.seeds)):
+            if ok[s].any():
+                out[s] = self.values[ok[s]].max()
+        return out
+
+
+def _run(
+    builds: Callable[[float, int], nn.Module],
+    lr_of: Callable[[float], float],
+    values: Sequence[float],
+    seeds: Sequence[int],
+    split: Split,
+    steps: int,
+    batch_size: int,
+    record_every: int,
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None,
+    recorders: Sequence[Recorder],
+    record_at: Sequence[int],
+    device: torch.device | str | None,
+) -> Sweep:
+    if len(values) == 0 or len(seeds) == 0:
+        raise ValueError("need at least one value and one seed")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    record = sorted(set(every(record_every, steps)) | {int(s) for s in record_at})
+    x_test, y_test = split.x_test, split.y_test
+    if device is not None:
+        x_test, y_test = x_test.to(device), y_test.to(device)
+    metrics = test_metrics(x_test, y_test)
+    histories: list[list[History]] = []
+    for seed in seeds:
+        row = []
+        for value in values:
+            model = builds(float(value), int(seed))
+            if device is not None:
+                model = model.to(device)
+            lr = lr_of(float(value))
+            opt = optimizer(model, lr) if optimizer is not None else None
+            row.append(
+                train(
+                    model,
+                    split.x_train,
+                    split.y_train,
+                    steps=steps,
+                    batch_size=batch_size,
+                    lr=lr,
+                    optimizer=opt,
+                    record_at=record,
+                    recorders=[metrics, *recorders],
+                    seed=int(seed),
+                    device=device,
+                )
+            )
+        histories.append(row)
+    return Sweep(
+        values=np.asarray(values, dtype=float),
+        seeds=[int(s) for s in seeds],
+        steps=record,
+        accuracy=np.array([[h["accuracy"] for h in row] for row in histories]),
+        loss=np.array([[h["loss"] for h in row] for row in histories]),
+        train_loss=np.array([[h.train_loss for h in row] for row in histories]),
+        histories=histories,
+    )
+
+
+def lr_sweep(
+    build: Callable[[int], nn.Module],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    split: Split,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    record_every: int = 25,
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None,
+    recorders: Sequence[Recorder] = (),
+    record_at: Sequence[int] = (),
+    device: torch.device | str | None = None,
+) -> Sweep:
+    """Train ``build(seed)`` with every learning rate in ``lrs`` and every seed.
+
+    The seed fixes the initialization (through ``build``) and the mini-batch order, so runs with
+    the same seed differ only in the learning rate. ``optimizer(model, lr)`` replaces plain SGD.
+    Extra ``recorders`` run at the recorded steps (``record_every`` and ``record_at``).
+    """
+    if any(lr <= 0 for lr in lrs):
+        raise ValueError(f"learning rates must be positive, got {list(lrs)}")
+    return _run(
+        lambda _value, seed: build(seed), lambda lr: lr, lrs, seeds, split, steps, batch_size, record_every,
+        optimizer, recorders, record_at, device,
+    )  # fmt: skip
+
+
+def init_sweep(
+    build: Callable[[float, int], nn.Module],
+    stds: Sequence[float],
+    seeds: Sequence[int],
+    split: Split,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int = 64,
+    record_every: int = 25,
+    optimizer: Callable[[nn.Module, float], torch.optim.Optimizer] | None = None,
+    recorders: Sequence[Recorder] = (),
+    record_at: Sequence[int] = (),
+    device: torch.device | str | None = None,
+) -> Sweep:
+    """Train ``build(std, seed)`` (e.g. ``mlp(..., init_std=std)``) for every scale and seed at one ``lr``."""
+    if any(s <= 0 for s in stds):
+        raise ValueError(f"initialization scales must be positive, got {list(stds)}")
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    return _run(
+        build, lambda _value: lr, stds, seeds, split, steps, batch_size, record_every, optimizer, recorders,
+        record_at, device,
+    )  # fmt: skip
