@@ -29,9 +29,10 @@ test: book
 refresh: $(STAMP)
 	$(PY) scripts/execute_notebooks.py $(NB)
 
-## Re-pin the exact versions after changing requirements-dev.txt.
+## Re-pin the exact versions after changing requirements-dev.txt (keeps the file's header comment).
 lock: $(STAMP)
-	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' > requirements-lock.txt.new
+	awk '!/^#/ {exit} {print}' requirements-lock.txt > requirements-lock.txt.new
+	$(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//' >> requirements-lock.txt.new
 	mv requirements-lock.txt.new requirements-lock.txt
 
 ## Re-download the vendored browser assets (needs npm).

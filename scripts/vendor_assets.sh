@@ -18,4 +18,11 @@ cp "$tmp/mathjax-3.2.2/package/LICENSE" "$dest/mathjax/LICENSE"
 mkdir -p "$dest/widgets"
 cp "$tmp/requirejs-2.3.8/package/require.js" "$dest/widgets/"
 cp "$tmp/jupyter-widgets-html-manager-1.0.15/package/dist/embed-amd.js" "$dest/widgets/"
+# Its icon fonts (Font Awesome, SIL OFL 1.1); book/_assets/widgets-setup.js points the manager at them.
+rm -rf "$dest/widgets/fonts" && mkdir -p "$dest/widgets/fonts"
+cp "$tmp/jupyter-widgets-html-manager-1.0.15/package/dist/"*.{woff2,woff,ttf} "$dest/widgets/fonts/"
+# The widget CSS bundled in embed-amd.js mentions a Google Fonts stylesheet (`@import url(...)`, commented
+# out upstream). Remove every such import so that no version of the file can make the site load fonts
+# from another host; tests/test_site.py checks that none is left.
+sed -E -i "s#@import url\\([^)]*fonts\\.googleapis\\.com[^)]*\\);?##g" "$dest/widgets/embed-amd.js"
 echo "vendored assets refreshed in $dest"

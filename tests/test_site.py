@@ -1,9 +1,16 @@
 """The built site (``make book`` builds it into _build/html before ``make test`` runs this)."""
 
+import base64
+import datetime as dt
+import io
+import json
+import os
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = ROOT / "_build" / "html"
@@ -60,3 +67,313 @@ def test_mathjax_is_served_from_the_site():
     assert "_static/vendor/mathjax/tex-chtml.js" in page
     assert (SITE / "_static" / "vendor" / "mathjax" / "tex-chtml.js").exists()
     assert (SITE / "_static" / "vendor" / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
+
+
+# --------------------------------------------------------------------------------------------------
+# offline assets
+
+
+def test_widget_manager_pulls_no_fonts_from_another_host():
+    """embed-amd.js bundles CSS that imports a Google Fonts stylesheet; scripts/vendor_assets.sh strips it."""
+    for path in (
+        ROOT / "book" / "_assets" / "vendor" / "widgets" / "embed-amd.js",
+        SITE / "_static" / "vendor" / "widgets" / "embed-amd.js",
+    ):
+        text = path.read_text(encoding="utf-8")
+        assert "fonts.googleapis.com" not in text, f"{path.relative_to(ROOT)} still names Google Fonts"
+        assert not re.search(r"@import\s+url\(\s*['\"]?(https?:)?//", text), f"{path.relative_to(ROOT)}: remote @import"
+
+
+# --------------------------------------------------------------------------------------------------
+# launch buttons
+
+
+def _config():
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def _chapter_notebooks():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = re.findall(r"file: (\S+)", yaml.safe_dump(toc))
+    return [f for f in files if (ROOT / f"{f}.ipynb").exists()]
+
+
+def test_every_chapter_has_binder_colab_and_live_code():
+    config = _config()
+    repo = config["repository"]["url"].rstrip("/").removeprefix("https://github.com/")
+    branch = config["repository"]["branch"]
+    launch = config["launch_buttons"]
+    assert launch.get("thebe") is True
+    chapters = _chapter_notebooks()
+    assert chapters, "no chapter notebook in _toc.yml"
+    for chapter in chapters:
+        html = (SITE / f"{chapter}.html").read_text(encoding="utf-8")
+        binder = f"{launch['binderhub_url']}/v2/gh/{repo}/{branch}?urlpath=lab/tree/{chapter}.ipynb"
+        colab = f"{launch['colab_url']}/github/{repo}/blob/{branch}/{chapter}.ipynb"
+        assert f'href="{binder}"' in html, f"{chapter}: no Binder button for {binder}"
+        assert f'href="{colab}"' in html, f"{chapter}: no Colab button for {colab}"
+        assert "initThebeSBT()" in html, f"{chapter}: no Live Code (Thebe) button"
+        assert f'repo: "{repo}"' in html and f'ref: "{branch}"' in html, f"{chapter}: Thebe not pointed at {repo}"
+        assert html.count("const THEBE_JS_URL") == 1, f"{chapter}: Thebe's inline configuration is duplicated"
+
+
+# --------------------------------------------------------------------------------------------------
+# the glossary
+
+HANGUL = re.compile(r"[\uac00-\ud7a3]")
+GLOSSARY = ROOT / "book" / "glossary.md"
+
+
+def _glossary_entries() -> list[list[str]]:
+    """The terms of each entry of the {glossary} block (term lines are the unindented ones)."""
+    text = GLOSSARY.read_text(encoding="utf-8")
+    block = text.split("```{glossary}", 1)[1].split("\n```", 1)[0]
+    entries, current = [], []
+    for line in block.splitlines():
+        if not line.strip() or line.startswith(":"):
+            continue
+        if line[0].isspace():
+            if current:
+                entries.append(current)
+                current = []
+        else:
+            current.append(line.strip())
+    return entries
+
+
+def _korean_table() -> list[tuple[str, bool, str]]:
+    """(Korean term, marked † as the usual term rather than the sources', the {term} target) per row."""
+    text = GLOSSARY.read_text(encoding="utf-8").split("## 한국어 → English", 1)[1]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and HANGUL.search(cells[0]) and cells[0] != "한국어":
+            target = re.search(r"\{term\}`[^`<]*<([^>]+)>`", cells[1])
+            rows.append((cells[0].removesuffix("†").strip(), cells[0].endswith("†"), target and target.group(1)))
+    return rows
+
+
+def test_glossary_pairs_every_english_term_with_korean():
+    entries = _glossary_entries()
+    assert len(entries) >= 40
+    for terms in entries:
+        assert any(HANGUL.search(t) for t in terms), f"glossary entry {terms[0]!r} has no Korean term"
+        assert any(not HANGUL.search(t) for t in terms), f"glossary entry {terms[0]!r} has no English term"
+
+
+def test_korean_index_lists_every_korean_term_once_in_order():
+    korean_terms = {t for terms in _glossary_entries() for t in terms if HANGUL.search(t)}
+    rows = _korean_table()
+    listed = [k for k, _, _ in rows]
+    assert listed == sorted(listed), "the 한국어 → English table is not in Korean alphabetical order"
+    assert len(listed) == len(set(listed)), "a Korean term is listed twice"
+    assert set(listed) == korean_terms, (
+        f"missing from the table: {sorted(korean_terms - set(listed))}; "
+        f"not a glossary term: {sorted(set(listed) - korean_terms)}"
+    )
+    for korean, _, target in rows:
+        assert target == korean, f"row {korean!r} links to {target!r}"
+
+
+def _source_texts() -> str | None:
+    candidates = [os.environ.get("BNBOOK_SOURCES"), ROOT.parent / "shared" / "seeds", ROOT / "shared" / "seeds"]
+    for folder in candidates:
+        if folder and Path(folder).is_dir() and list(Path(folder).glob("*.txt")):
+            return "\n".join(p.read_text(encoding="utf-8") for p in sorted(Path(folder).glob("*.txt")))
+    return None
+
+
+def _squeeze(text: str) -> str:
+    """Drop spaces and parenthesized Latin glosses: '립시츠(Lipschitz) 상수' -> '립시츠상수'."""
+    return re.sub(r"\s+", "", re.sub(r"\([A-Za-z .,/&-]+\)", "", text))
+
+
+def test_korean_terms_are_the_sources_own():
+    """Every Korean term not marked † occurs in the Korean source texts the book started from."""
+    sources = _source_texts()
+    if sources is None:
+        pytest.skip("the Korean source texts are not beside this checkout (set BNBOOK_SOURCES to their folder)")
+    # "기울기 소실/폭주" (vanishing/exploding gradient) also spells out "기울기 폭주"
+    expanded = sources + "\n" + "\n".join(f"{a} {c}" for a, _, c in re.findall(r"(\S+) (\S+)/(\S+)", sources))
+    squeezed = _squeeze(expanded)
+    missing = [k for k, usual, _ in _korean_table() if not usual and _squeeze(k) not in squeezed]
+    assert not missing, f"not found in the sources (mark them † if they are the usual term instead): {missing}"
+
+
+def test_glossary_is_built_with_an_anchor_per_term():
+    html = (SITE / "book" / "glossary.html").read_text(encoding="utf-8")
+    for terms in _glossary_entries():
+        for term in terms:
+            assert f">{term}<" in html, f"glossary term {term!r} is not on the built page"
+
+
+# --------------------------------------------------------------------------------------------------
+# the status page
+
+
+def test_status_page_lists_every_chapter_with_its_execution_record():
+    html = (SITE / "book" / "status.html").read_text(encoding="utf-8")
+    assert "This build was made on" in html
+    today = dt.datetime.now(dt.timezone.utc)
+    days = {(today - dt.timedelta(days=d)).strftime("%Y-%m-%d") for d in (0, 1)}
+    assert any(f"<strong>{d}" in html for d in days) or os.environ.get("SOURCE_DATE_EPOCH"), "build date missing"
+    for chapter in _chapter_notebooks():
+        nb = json.loads((ROOT / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+        assert f'href="{Path(chapter).name}.html"' in html, f"{chapter} is not on the status page"
+        record = nb.get("metadata", {}).get("bnbook", {}).get("execution")
+        if record:
+            assert f"{record['seconds']:.1f}" in html, f"{chapter}: execution time not shown"
+    assert "Library versions" in html
+
+
+# --------------------------------------------------------------------------------------------------
+# figures: one style, light PNGs, alt text
+
+MATPLOTLIB_DEFAULT_COLOURS = {  # tab10 without its grey: figures made without the book style
+    (0x1F, 0x77, 0xB4),
+    (0xFF, 0x7F, 0x0E),
+    (0x2C, 0xA0, 0x2C),
+    (0xD6, 0x27, 0x28),
+    (0x94, 0x67, 0xBD),
+    (0x8C, 0x56, 0x4B),
+    (0xE3, 0x77, 0xC2),
+    (0xBC, 0xBD, 0x22),
+    (0x17, 0xBE, 0xCF),
+}
+MAX_PNG_BYTES = 200_000
+BOOK_DPI = 80
+
+
+def _notebook_pngs(path: Path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for index, cell in enumerate(nb["cells"]):
+        for output in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
+            data = output.get("data", {})
+            if "image/png" in data:
+                yield index, base64.b64decode(data["image/png"])
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "book").glob("*.ipynb")))
+def test_figures_follow_the_book_style(notebook):
+    from PIL import Image
+
+    problems = []
+    for index, png in _notebook_pngs(ROOT / "book" / notebook):
+        where = f"{notebook} cell {index}"
+        image = Image.open(io.BytesIO(png))
+        if len(png) > MAX_PNG_BYTES:
+            problems.append(f"{where}: {len(png) // 1000} kB PNG (light PNGs: at most {MAX_PNG_BYTES // 1000} kB)")
+        dpi = image.info.get("dpi", (0, 0))[0]
+        if round(dpi) != BOOK_DPI:
+            problems.append(f"{where}: {dpi:.0f} dpi, not the book's {BOOK_DPI} (bnlib.plots.use_book_style())")
+        rgba = image.convert("RGBA")
+        w, h = rgba.size
+        corners = [rgba.getpixel(p) for p in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
+        if not all(a < 16 or min(r, g, b) >= 235 for r, g, b, a in corners):
+            problems.append(f"{where}: not on a light background (corners {corners})")
+        counts = {colour: n for n, colour in rgba.convert("RGB").getcolors(maxcolors=1 << 24)}
+        defaults = {f"#{r:02X}{g:02X}{b:02X}": counts.get((r, g, b), 0) for r, g, b in MATPLOTLIB_DEFAULT_COLOURS}
+        defaults = {c: n for c, n in defaults.items() if n >= 100}
+        if defaults:
+            problems.append(f"{where}: matplotlib's default colours {defaults} (use bnlib.plots.PLAIN / BN)")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_figure_on_the_site_has_alt_text():
+    """An image from a code cell gets its file path as alt text unless the cell says otherwise."""
+    missing = []
+    for page in _pages():
+        parser = _Images()
+        parser.feed(page.read_text(encoding="utf-8"))
+        for src, alt in parser.images:
+            if "_images/" in src and (not alt or alt == src or alt.endswith((".png", ".jpg", ".svg"))):
+                missing.append(f"{page.relative_to(SITE)}: {src}")
+    assert not missing, (
+        "figures without alt text (give the code cell the metadata "
+        '{"mystnb": {"image": {"alt": "..."}}}, or glue the figure and use {glue:figure} with :alt:):\n'
+        + "\n".join(missing)
+    )
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            a = dict(attrs)
+            self.images.append((a.get("src") or "", (a.get("alt") or "").strip()))
+
+
+def _srgb_to_linear(c: float) -> float:
+    return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+
+def _linear_to_lab(rgb) -> tuple[float, float, float]:
+    r, g, b = rgb
+    x = (0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    z = (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883
+
+    def f(t):
+        return t ** (1 / 3) if t > 0.008856 else 7.787 * t + 16 / 116
+
+    return 116 * f(y) - 16, 500 * (f(x) - f(y)), 200 * (f(y) - f(z))
+
+
+# Machado, Oliveira & Fernandes (2009), severity 1.0, on linear RGB.
+COLOUR_BLINDNESS = {
+    "protanopia": ((0.152286, 1.052583, -0.204868), (0.114503, 0.786281, 0.099216), (-0.003882, -0.048116, 1.051998)),
+    "deuteranopia": ((0.367322, 0.860646, -0.227968), (0.280085, 0.672501, 0.047413), (-0.011820, 0.042940, 0.968881)),
+    "tritanopia": ((1.255528, -0.076749, -0.178779), (-0.078411, 0.930809, 0.147602), (0.004733, 0.691367, 0.303900)),
+}
+
+
+def _seen_as(hex_colour: str, kind: str | None):
+    rgb = [_srgb_to_linear(int(hex_colour[i : i + 2], 16) / 255) for i in (1, 3, 5)]
+    if kind is not None:
+        rgb = [min(max(sum(m * c for m, c in zip(row, rgb)), 0.0), 1.0) for row in COLOUR_BLINDNESS[kind]]
+    return _linear_to_lab(rgb)
+
+
+@pytest.mark.parametrize("kind", [None, *COLOUR_BLINDNESS])
+def test_with_and_without_bn_colours_stay_apart_for_colour_blind_readers(kind):
+    from bnlib import plots
+
+    a, b = _seen_as(plots.PLAIN, kind), _seen_as(plots.BN, kind)
+    delta_e = sum((p - q) ** 2 for p, q in zip(a, b)) ** 0.5
+    assert delta_e > 20, f"PLAIN and BN are {delta_e:.1f} apart (CIELAB) for {kind or 'normal vision'}"
+
+
+def test_execution_records_feed_the_status_page(tmp_path):
+    """scripts/execute_notebooks.py stores what the status page (scripts/book_status.py) renders."""
+    import importlib.util
+
+    import nbformat
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    execute_notebooks, book_status = load("execute_notebooks"), load("book_status")
+    (tmp_path / "book").mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter"), nbformat.v4.new_code_cell("x = sum(range(10))\nx")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "book" / "chapter.ipynb")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/chapter\n")
+
+    seconds = execute_notebooks.execute(tmp_path / "book" / "chapter.ipynb")
+    record = json.loads((tmp_path / "book" / "chapter.ipynb").read_text())["metadata"]["bnbook"]["execution"]
+    assert record["seconds"] == pytest.approx(seconds, abs=0.01)
+    assert record["device"] in ("cpu", "cuda") and record["versions"]["torch"] and record["date"]
+    assert record["slowest_cell"]["index"] == 1
+    assert [(name, title) for name, title, _ in book_status.execution_records(tmp_path)] == [
+        ("book/chapter", "A chapter")
+    ]
+    table = "\n".join(book_status.chapters_markdown(tmp_path))
+    assert f"| {{doc}}`A chapter </book/chapter>` | {record['seconds']:.1f} |" in table
+    assert "Every recorded chapter is within it." in table
