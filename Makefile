@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
-.PHONY: book test lint unit notebooks site-test refresh lock vendor clean
+.PHONY: book test lint unit notebooks site-test screenshots refresh lock vendor clean
 
 # Create the virtual environment and install the pinned dependencies and bnlib (editable).
 $(STAMP): requirements.txt requirements-dev.txt requirements-lock.txt pyproject.toml
@@ -24,6 +24,10 @@ test: book
 	$(PY) -m ruff check bnlib tests scripts
 	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg --durations=10
+
+## Build, then check every page in headless chromium and save its screenshot in _build/screenshots.
+screenshots: book
+	$(PY) -m pytest -p no:cacheprovider -q tests/test_browser.py
 
 ## Re-execute every notebook in place (fresh kernel, top to bottom).
 refresh: $(STAMP)

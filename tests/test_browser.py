@@ -50,7 +50,10 @@ def _unavailable(reason: str):
 
 
 def chromium_path() -> str | None:
-    for candidate in (os.environ.get("BNBOOK_CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium"):
+    """BNBOOK_CHROMIUM if set (and only it), else Debian's chromium on the PATH or in /usr/bin."""
+    override = os.environ.get("BNBOOK_CHROMIUM")
+    candidates = [override] if override else [shutil.which("chromium"), "/usr/bin/chromium"]
+    for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
