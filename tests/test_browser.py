@@ -239,6 +239,11 @@ WIDGET_VIEWS = f"""() => {{
 }}"""
 
 
+# Solutions of exercises start folded (sphinx-exercise ``:class: dropdown`` + sphinx-togglebutton).
+UNFOLDED_SOLUTIONS = """() => Array.from(document.querySelectorAll(".solution")).filter(s =>
+  Array.from(s.children).some(c => !c.classList.contains("admonition-title") && c.offsetHeight > 0)
+).map(s => (s.querySelector(".admonition-title") || s).textContent.trim().slice(0, 80))"""
+
 NEXT_FRAME = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
@@ -257,6 +262,7 @@ def check_page(v: Visit, path: str) -> list[str]:
     problems += [f"TeX error: {t!r}" for t in math["errors"]]
     problems += [f"raw TeX in the text: {t!r}" for t in math["raw"][:5]]
     problems += [f"image did not load: {src}" for src in page.evaluate(LOAD_IMAGES)]
+    problems += [f"solution shown unfolded: {t!r}" for t in page.evaluate(UNFOLDED_SOLUTIONS)]
     views = page.evaluate(WIDGET_VIEWS)["views"]
     if views:
         try:

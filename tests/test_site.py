@@ -377,3 +377,30 @@ def test_execution_records_feed_the_status_page(tmp_path):
     table = "\n".join(book_status.chapters_markdown(tmp_path))
     assert f"| {{doc}}`A chapter </book/chapter>` | {record['seconds']:.1f} |" in table
     assert "Every recorded chapter is within it." in table
+
+
+# --------------------------------------------------------------------------------------------------
+# exercises
+
+
+def _chapters_outside_the_appendices():
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    found = []
+    for part in toc.get("parts", []):
+        if part.get("caption") != "Appendices":
+            found += [c["file"] for c in part.get("chapters", []) if (ROOT / f"{c['file']}.ipynb").exists()]
+    return found
+
+
+def test_every_chapter_ends_with_exercises_and_folded_solutions():
+    chapters = _chapters_outside_the_appendices()
+    assert chapters
+    for chapter in chapters:
+        nb = json.loads((ROOT / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+        text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+        labels = re.findall(r"```\{exercise\}[^\n]*\n(?::[^\n]*\n)*?:label: *(\S+)", text)
+        assert labels, f"{chapter}: no exercise with a :label:"
+        for label in labels:
+            solution = re.search(r"```\{solution\} *" + re.escape(label) + r"\n((?::[^\n]*\n)*)", text)
+            assert solution, f"{chapter}: exercise {label} has no solution"
+            assert ":class: dropdown" in solution.group(1), f"{chapter}: the solution of {label} is not folded"
