@@ -8,9 +8,9 @@ r"""Population statistics for inference: running averages, their conventions, an
   means and the population variance is :math:`\frac{m}{m-1}` times the average of the (biased)
   batch variances. :func:`recompute_statistics` computes exactly that with the model frozen
   ("PreciseBN", Wu & Johnson 2021) over a chosen number of training samples.
-- Helpers for the train/inference pitfalls: :func:`batch_norm_layers`, :func:`freeze_batch_norm`,
-  :func:`evaluate_with_batch_statistics` and :class:`GhostBatches` (any BN layer, normalizing groups
-  of a fixed size, the *normalization* batch size, inside a larger SGD batch).
+- Helpers for the train/inference pitfalls: :func:`batch_norm_layers`, :func:`freeze_batch_norm`
+  and :func:`evaluate_with_batch_statistics` (training-mode normalization over groups of a chosen
+  size, the *normalization* batch size, without touching the running statistics).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from bnlib.fusion import is_batch_norm
 __all__ = [
     "CONVENTIONS",
     "Convention",
-    "GhostBatches",
     "batch_norm_layers",
     "convert_momentum",
     "ema",
@@ -182,32 +181,3 @@ def evaluate_with_batch_statistics(model: nn.Module, x: Tensor, batch_size: int)
     for bn in batch_norm_layers(probe):
         bn.train()
     return torch.cat([probe(chunk) for chunk in x.split(batch_size)])
-
-
-class GhostBatches(nn.Module):
-    """Wrap a BN layer so that, in training mode, it normalizes groups of ``group_size`` examples
-    separately ("ghost batches"): the normalization batch size becomes ``group_size`` whatever the
-    SGD batch size. Each group updates the running statistics once. Eval mode is the wrapped layer's.
-
-    Because the wrapped layer stays an ordinary BN layer, :func:`recompute_statistics` and
-    :func:`evaluate_with_batch_statistics` see it.
-    """
-
-    def __init__(self, bn: nn.Module, group_size: int) -> None:
-        super().__init__()
-        if not is_batch_norm(bn):
-            raise ValueError(f"expected a BatchNorm layer, got {type(bn).__name__}")
-        if group_size < 2:
-            raise ValueError(f"group_size must be at least 2, got {group_size}")
-        self.bn = bn
-        self.group_size = group_size
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return self.bn(x)
-        if x.shape[0] % self.group_size:
-            raise ValueError(f"batch of {x.shape[0]} is not a multiple of group_size={self.group_size}")
-        return torch.cat([self.bn(chunk) for chunk in x.split(self.group_size)])
-
-    def extra_repr(self) -> str:
-        return f"group_size={self.group_size}"

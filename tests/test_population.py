@@ -132,24 +132,3 @@ def test_evaluate_with_batch_statistics():
         P.evaluate_with_batch_statistics(net, x, 1)
     with pytest.raises(ValueError, match="multiple"):
         P.evaluate_with_batch_statistics(net, x, 5)
-
-
-def test_ghost_batches():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(12, 3, generator=g)
-    ghost = P.GhostBatches(bnlib.BatchNorm1d(3), 4)
-    ref = bnlib.BatchNorm1d(3)
-    out = ghost(x)
-    expected = torch.cat([ref(c) for c in x.split(4)])
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(ghost.bn.running_mean, ref.running_mean)
-    assert int(ghost.bn.num_batches_tracked) == 3
-    ghost.eval()
-    torch.testing.assert_close(ghost(x), ref.eval()(x))
-    with pytest.raises(ValueError, match="multiple"):
-        ghost.train()(torch.randn(10, 3))
-    with pytest.raises(ValueError, match="at least 2"):
-        P.GhostBatches(bnlib.BatchNorm1d(3), 1)
-    with pytest.raises(ValueError, match="BatchNorm"):
-        P.GhostBatches(nn.LayerNorm(3), 4)
-    assert "group_size=4" in repr(ghost)
