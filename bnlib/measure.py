@@ -23,6 +23,7 @@ __all__ = [
     "sigmoid_saturation",
     "grad_norms",
     "flat_grad",
+    "batch_companion_outputs",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -156,3 +157,38 @@ def flat_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_
     params = [p for p in model.parameters() if p.requires_grad]
     grads = _gradients(model, x, y, loss_fn, params)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+@torch.no_grad()
+def batch_companion_outputs(
+    model: nn.Module, x: Tensor, companions: Tensor, *, draws: int, batch_size: int, generator: torch.Generator
+) -> Tensor:
+    """Training-mode outputs for the examples ``x`` when they share each batch with random companions.
+
+    In each of ``draws`` rounds, ``x`` is cut in a random order into groups of ``batch_size // 2``
+    examples, and each group is completed to ``batch_size`` with examples drawn at random from
+    ``companions``. The model runs in training mode, so a batch-normalized network normalizes with
+    the statistics of that batch and the output for one example depends on its companions (running
+    statistics are restored afterwards). Dropout, if any, draws new masks. Returns a tensor
+    (draws, len(x), outputs) in the order of ``x``: its spread over the first axis is the noise that
+    training-mode computation adds to each example's output.
+    """
+    if draws < 1 or batch_size < 2:
+        raise ValueError(f"need draws >= 1 and batch_size >= 2, got draws={draws}, batch_size={batch_size}")
+    own = batch_size // 2
+    dev = _device(model)
+    x, companions = x.to(dev), companions.to(dev)
+    rounds = []
+    with preserved(model, train=True):
+        for _ in range(draws):
+            order = torch.randperm(len(x), generator=generator).to(dev)
+            out = None
+            for start in range(0, len(x), own):
+                idx = order[start : start + own]
+                pick = torch.randperm(len(companions), generator=generator)[: batch_size - len(idx)].to(dev)
+                y = model(torch.cat([x[idx], companions[pick]]))[: len(idx)]
+                if out is None:
+                    out = y.new_empty((len(x), *y.shape[1:]))
+                out[idx] = y
+            rounds.append(out)
+    return torch.stack(rounds)

@@ -166,3 +166,20 @@ def test_evaluate_accuracy_and_mode():
     loss, acc = measure.evaluate(net, x, y)
     assert acc == pytest.approx(float((y == 2).float().mean()))
     assert loss > 0 and net.training
+
+
+def test_batch_companion_outputs_vary_with_bn_only():
+    x, _ = _toy(n=40)
+    companions, _ = _toy(n=100, seed=1)
+    plain, bn = _net(), _net(bnlib.BatchNorm1d)
+    g = torch.Generator().manual_seed(0)
+    out_plain = measure.batch_companion_outputs(plain, x, companions, draws=3, batch_size=16, generator=g)
+    before = bn[1].running_mean.clone()
+    out_bn = measure.batch_companion_outputs(bn, x, companions, draws=3, batch_size=16, generator=g)
+    assert out_plain.shape == out_bn.shape == (3, 40, 3)
+    torch.testing.assert_close(out_plain[0], plain(x).detach())  # no BN: companions do not matter
+    assert float((out_plain - out_plain[0]).abs().max()) < 1e-6
+    assert float(out_bn.std(dim=0).mean()) > 1e-3  # with BN they do
+    assert torch.equal(bn[1].running_mean, before) and bn.training
+    with pytest.raises(ValueError, match="draws"):
+        measure.batch_companion_outputs(bn, x, companions, draws=0, batch_size=16, generator=g)
