@@ -5,18 +5,34 @@ training mode it runs a custom autograd Function whose backward is the compact f
 
     dx = (inv_std / m) * (m * dx_hat - sum(dx_hat) - x_hat * sum(dx_hat * x_hat)),  dx_hat = weight * dy
 
-and which saves only what that formula needs: x_hat (one input-sized tensor), inv_std and the
-weight. Statistics of float16/bfloat16 inputs are accumulated in float32.
+and which saves only what that formula needs: the centred input (one input-sized tensor; x_hat is
+that times inv_std), inv_std and the weight. Statistics of float16/bfloat16 inputs are accumulated
+in float32.
+
+Eager PyTorch runs one kernel per operation and every kernel reads and writes whole tensors, so
+the implementation counts passes over memory. The statistics are two-pass: the mean, then sums of
+the centred input (torch's Welford ``var_mean`` over several dimensions is many times slower on a
+CPU). The centred input also carries the digits that a float32 mean loses when |mean| >> std: the
+input is centred on the rounded mean (exactly) and the remainder is a per-channel correction, so
+large-mean inputs keep float32 accuracy relative to their spread. The output is one multiply-add
+of the centred input (x_hat is never stored), and the backward regroups the compact formula per
+channel as ``dx = a * dy + b * x_hat + c``, two fused multiply-adds.
+
+``backend="compiled"`` sends the same formulas through ``torch.compile`` (see
+:mod:`bnlib.compiled`), which fuses them into a few generated kernels.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["batch_norm", "check_batch_norm_input"]
+__all__ = ["BACKENDS", "batch_norm", "check_batch_norm_input"]
 
+BACKENDS = ("eager", "compiled")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -39,7 +55,9 @@ def check_batch_norm_input(x: Tensor, num_features: int | None = None, training:
         raise ValueError(
             f"expected {num_features} channels (num_features) in dimension 1, got input of shape {tuple(x.shape)}"
         )
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
+    # values per channel: N * (spatial size). Exactly one cannot give a variance; none (an empty
+    # batch) is allowed, as in torch: the output is empty and the running statistics are left alone
+    if training and math.prod(x.shape[:1] + x.shape[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
 
@@ -49,18 +67,24 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         dims, shape = _reduce_dims(x), _channel_shape(x)
-        xf = x.float() if x.dtype in _LOW_PRECISION else x
-        var, mean = torch.var_mean(xf, dim=dims, correction=0)
+        m = x.numel() // x.shape[1]
+        low = x.dtype in _LOW_PRECISION
+        shift = x.mean(dims, keepdim=True, dtype=torch.float32 if low else None)
+        # centre on the (rounded) mean: x - shift is exact when |mean| >> std, and the small
+        # remainder d = mean(x - shift) recovers the digits the rounded mean lost
+        x_c = x.float().sub_(shift) if low else x - shift
+        d = x_c.sum(dims) / m
+        var = (torch.mul(x_c, x_c).sum(dims) / m - d * d).clamp_(min=0)  # biased: mean((x_c - d)^2)
         inv_std = torch.rsqrt(var + eps)
-        x_hat = (xf - mean.view(shape)) * inv_std.view(shape)
-        out = x_hat
-        if weight is not None:
-            out = out * weight.view(shape).to(out.dtype)
-        if bias is not None:
-            out = out + bias.view(shape).to(out.dtype)
-        ctx.save_for_backward(x_hat, inv_std, weight)
+        # y = weight * x_hat + bias = scale * x_c + (bias - scale * d): one pass, x_hat never stored
+        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+        offset = -scale * d if bias is None else bias.to(scale.dtype) - scale * d
+        out = torch.addcmul(offset.view(shape), x_c, scale.view(shape))
+        ctx.save_for_backward(x_c, d, inv_std, weight)
         ctx.input_dtype = x.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        shift = shift.view(-1)
+        mean = torch.where(shift.isfinite(), shift + d, shift)  # an infinite mean stays infinite, as in torch
         # mean and biased variance leave as non-differentiable outputs for the running averages
         ctx.mark_non_differentiable(mean, var)
         return out.to(x.dtype), mean, var
@@ -68,20 +92,29 @@ class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, _grad_mean, _grad_var):
-        x_hat, inv_std, weight = ctx.saved_tensors
-        dims, shape = _reduce_dims(x_hat), _channel_shape(x_hat)
-        dy = grad_out.to(x_hat.dtype)
+        x_c, d, inv_std, weight = ctx.saved_tensors
+        dims, shape = _reduce_dims(x_c), _channel_shape(x_c)
+        m = x_c.numel() // x_c.shape[1]
+        dy = grad_out.to(x_c.dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_bias = dy.sum(dims).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (dy * x_hat).sum(dims).to(weight.dtype)
-        if ctx.needs_input_grad[0]:
-            m = x_hat.numel() // x_hat.shape[1]
-            dx_hat = dy if weight is None else dy * weight.view(shape).to(dy.dtype)
-            sum_dx_hat = dx_hat.sum(dims).view(shape)
-            sum_dx_hat_x_hat = (dx_hat * x_hat).sum(dims).view(shape)
-            grad_x = (inv_std.view(shape) / m) * (m * dx_hat - sum_dx_hat - x_hat * sum_dx_hat_x_hat)
+        sum_dy = dy.sum(dims)
+        prod = dy * x_c if (need_x or need_w) else None
+        # x_hat = (x_c - d) * inv_std, so sum(dy * x_hat) = inv_std * (sum(dy * x_c) - d * sum(dy))
+        sum_dy_x_hat = (prod.sum(dims) - d * sum_dy) * inv_std if prod is not None else None
+        if need_b:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        if need_w:
+            grad_weight = sum_dy_x_hat.to(weight.dtype)
+        if need_x:
+            # sum(dx_hat) = weight * sum(dy) and sum(dx_hat * x_hat) = weight * sum(dy * x_hat), so
+            # dx = (inv_std / m) (m dx_hat - sum(dx_hat) - x_hat sum(dx_hat x_hat))
+            #    = a dy + b x_hat + c = a dy + (b inv_std) x_c + (c - b inv_std d)
+            a = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+            b = -a * sum_dy_x_hat / m * inv_std
+            c = -a * sum_dy / m - b * d
+            grad_x = torch.addcmul(c.view(shape), x_c, b.view(shape), out=prod)  # reuse the memory of dy * x_c
+            grad_x.addcmul_(dy, a.view(shape))
             grad_x = grad_x.to(ctx.input_dtype)
         return grad_x, grad_weight, grad_bias, None
 
@@ -100,6 +133,8 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
+    backend: str = "eager",
 ) -> Tensor:
     """Batch normalization over dimension 1 of ``input`` (N, C), (N, C, L) or (N, C, H, W).
 
@@ -115,8 +150,13 @@ def batch_norm(
         training: use batch statistics (and update running ones) instead of running ones.
         momentum: weight of the new batch in the running averages (PyTorch's convention).
         eps: added to the variance before the square root.
+        backend: ``"eager"`` (default) or ``"compiled"``: the training-mode formulas through
+            ``torch.compile``, falling back to eager with a warning where compiling fails.
+            Evaluation mode is one multiply-add per element and always runs eagerly.
     """
     check_batch_norm_input(input, training=training)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     c = input.shape[1]
     for name, p in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_param(name, p, c)
@@ -127,17 +167,34 @@ def batch_norm(
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
         shape = _channel_shape(input)
-        scale = torch.rsqrt(running_var.float() + eps)
-        if weight is not None:
-            scale = scale * weight
-        shift = -running_mean.float() * scale
-        if bias is not None:
-            shift = shift + bias
+        # one affine map per channel (Algorithm 2): y = scale * x + shift, one pass over the input,
+        # in the input's precision (float32 for half inputs)
         compute = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
-        out = input.to(compute) * scale.view(shape).to(compute) + shift.view(shape).to(compute)
+        scale = torch.rsqrt(running_var.to(compute) + eps)
+        if weight is not None:
+            scale = scale * weight.to(compute)
+        shift = -running_mean.to(compute) * scale
+        if bias is not None:
+            shift = shift + bias.to(compute)
+        out = torch.addcmul(shift.view(shape), input.to(compute), scale.view(shape))
         return out.to(input.dtype)
 
-    out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
+    if input.numel() == 0:
+        # as torch: an empty output that stays connected to weight and bias (their gradients are 0)
+        shape = _channel_shape(input)
+        out = input.clone()
+        if weight is not None:
+            out = out * weight.view(shape).to(out.dtype)
+        if bias is not None:
+            out = out + bias.view(shape).to(out.dtype)
+        return out
+
+    if backend == "compiled":
+        from bnlib import compiled
+
+        out, mean, var = compiled.train_forward(input, weight, bias, eps)
+    else:
+        out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
     if running_mean is not None or running_var is not None:
         m = input.numel() // c
         with torch.no_grad():

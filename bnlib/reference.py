@@ -156,9 +156,13 @@ def batchnorm_inference(x, running_mean, running_var, gamma, beta, eps: float = 
 
 
 def _to_rows(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N*H*W, C): one row per position, one column per channel."""
+    """(N, C, H, W) -> (N*H*W, C): one row per position, one column per channel.
+
+    Built as the transpose of a (C, N*H*W) copy: that copy moves whole contiguous H*W planes and
+    is many times faster than gathering one value per channel per position; the rows are the same.
+    """
     n, c, h, w = x.shape
-    return x.transpose(0, 2, 3, 1).reshape(n * h * w, c)
+    return x.transpose(1, 0, 2, 3).reshape(c, n * h * w).T
 
 
 def _from_rows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

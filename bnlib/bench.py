@@ -1,0 +1,332 @@
+"""Benchmarks of batch normalization: time, memory kept for backward, and the memory-bandwidth bound.
+
+Five implementations of the same layer, timed in the same run so that their ratios are fair:
+
+``native``
+    ``torch.nn.functional.batch_norm``: PyTorch's fused kernel (C++ on a CPU, CUDA on a GPU).
+``bnlib``
+    :func:`bnlib.functional.batch_norm`: a custom autograd Function with the compact backward.
+``compiled``
+    the same formulas through ``torch.compile`` (``backend="compiled"``, :mod:`bnlib.compiled`).
+``from ops``
+    batch norm written with plain tensor operations, differentiated by autograd node by node
+    (the from-scratch version of d2l's chapter, :func:`batch_norm_from_ops`).
+``numpy``
+    :mod:`bnlib.reference` (NumPy forward and backward, on the CPU only).
+
+Batch norm does a few operations per element, so its time is set by how many bytes it moves, not by
+arithmetic. A training step (forward and backward) must read the input at least twice (statistics,
+then normalize) and write the output, then read the input and the upstream gradient for the two
+per-channel sums, and read both again to write dx: at least :data:`TRAIN_PASSES` input-sized
+transfers. Evaluation reads the input once and writes the output once (:data:`EVAL_PASSES`).
+Divided by the measured copy bandwidth, that gives a lower bound on the time
+(:func:`bandwidth_bound`).
+
+Timings use ``torch.utils.benchmark`` and are interleaved: every round times each implementation
+once, and the median over rounds is reported, so a machine whose load changes during the run slows
+all implementations alike and the ratios stay meaningful.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils import benchmark
+
+from bnlib import compiled, reference
+from bnlib import functional as F
+
+__all__ = [
+    "CONV_SHAPES",
+    "EVAL_PASSES",
+    "IMPLEMENTATIONS",
+    "MLP_SHAPES",
+    "TRAIN_PASSES",
+    "Result",
+    "bandwidth_bound",
+    "batch_norm_from_ops",
+    "compile_cost",
+    "copy_bandwidth",
+    "fold_speedup",
+    "make_step",
+    "run",
+    "saved_for_backward",
+    "time_interleaved",
+]
+
+IMPLEMENTATIONS = ("native", "bnlib", "compiled", "from ops", "numpy")
+MLP_SHAPES: tuple[tuple[int, ...], ...] = ((256, 1024),)
+CONV_SHAPES: tuple[tuple[int, ...], ...] = ((64, 64, 32, 32), (32, 256, 14, 14), (8, 64, 112, 112))
+#: input-sized transfers of a training step: forward 1 + 2 (statistics; normalize), backward 2 + 3 (sums; dx)
+TRAIN_PASSES = 8
+#: input-sized transfers in evaluation: read x, write y
+EVAL_PASSES = 2
+
+
+def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """Training-mode batch norm from plain tensor operations; autograd builds the backward.
+
+    x_hat = (x - mean) / sqrt(var + eps), y = weight * x_hat + bias, as in d2l's from-scratch
+    chapter: every intermediate the graph needs is kept for backward.
+    """
+    dims = [0] + list(range(2, x.dim()))
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+    x_hat = (x - mean) / torch.sqrt(var + eps)
+    return weight.view(shape) * x_hat + bias.view(shape)
+
+
+def _eval_from_ops(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return weight.view(shape) * (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) + bias.view(shape)
+
+
+def _inputs(shape: Sequence[int], device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(*shape, generator=g) * 2 + 1).to(device)
+    dy = torch.randn(*shape, generator=g).to(device)
+    weight = (torch.rand(c, generator=g) + 0.5).to(device)
+    bias = torch.randn(c, generator=g).to(device)
+    mean, var = torch.randn(c, generator=g).to(device), (torch.rand(c, generator=g) + 0.5).to(device)
+    return x, dy, weight, bias, mean, var
+
+
+def make_step(impl: str, mode: str, shape: Sequence[int], device: torch.device | str = "cpu") -> Callable[[], object]:
+    """A no-argument function running one step of ``impl``: forward and backward (``mode="train"``)
+    or the forward in evaluation mode (``mode="eval"``), on fixed inputs of ``shape``."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    if mode not in ("train", "eval"):
+        raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+    if len(shape) < 2:
+        raise ValueError(f"expected a shape (N, C, ...), got {tuple(shape)}")
+    device = torch.device(device)
+    x, dy, weight, bias, mean, var = _inputs(shape, device)
+    if impl == "numpy":
+        if device.type != "cpu":
+            raise ValueError("the NumPy reference runs on the CPU only")
+        return _numpy_step(mode, x.numpy(), dy.numpy(), weight.numpy(), bias.numpy(), mean.numpy(), var.numpy())
+    if mode == "eval":
+        fns = {
+            "native": lambda: torch.nn.functional.batch_norm(x, mean, var, weight, bias, False),
+            "bnlib": lambda: F.batch_norm(x, mean, var, weight, bias, False),
+            "from ops": lambda: _eval_from_ops(x, mean, var, weight, bias),
+        }
+        if impl not in fns:
+            raise ValueError("evaluation is one multiply-add per element: bnlib runs it eagerly in every backend")
+        return fns[impl]
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    fwd = _train_forward(impl)
+
+    def step():
+        out = fwd(x, weight, bias)
+        return torch.autograd.grad(out, (x, weight, bias), dy)
+
+    return step
+
+
+def _train_forward(impl: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    return {
+        "native": lambda x, w, b: torch.nn.functional.batch_norm(x, None, None, w, b, True),
+        "bnlib": lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+        "compiled": lambda x, w, b: F.batch_norm(x, None, None, w, b, True, backend="compiled"),
+        "from ops": batch_norm_from_ops,
+    }[impl]
+
+
+def _numpy_step(mode, x, dy, gamma, beta, mean, var):
+    if mode == "eval":
+        if x.ndim != 2:
+            raise ValueError("bnlib.reference has evaluation mode for (N, D) input only")
+        return lambda: reference.batchnorm_inference(x, mean, var, gamma, beta)
+    if x.ndim == 4:
+        forward, backward = reference.spatial_batchnorm_forward, reference.spatial_batchnorm_backward
+    elif x.ndim == 2:
+        forward, backward = reference.batchnorm_forward, reference.batchnorm_backward
+    else:
+        raise ValueError(f"bnlib.reference handles (N, D) and (N, C, H, W) input, got {x.ndim}D")
+
+    def step():
+        _, cache = forward(x, gamma, beta)
+        return backward(dy, cache)
+
+    return step
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]], rounds: int = 10, min_block_s: float = 0.02, threads: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each step, one sample per round, the steps interleaved within a round.
+
+    Each sample is a ``torch.utils.benchmark.Timer`` block of as many calls as fill ``min_block_s``
+    (CUDA is synchronized by the timer). Every step runs twice first (warm-up; a compile happens there).
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    timers, numbers = {}, {}
+    for name, step in steps.items():
+        step(), step()
+        timers[name] = benchmark.Timer("step()", globals={"step": step}, num_threads=threads, label=name)
+        once = timers[name].timeit(1).median
+        numbers[name] = max(1, int(min_block_s / max(once, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name in steps:
+            samples[name].append(timers[name].timeit(numbers[name]).median)
+    return samples
+
+
+def saved_for_backward(impl: str, shape: Sequence[int], device: torch.device | str = "cpu") -> tuple[float, float]:
+    """What a training step keeps for backward, in units of the input's size: ``(total, new)``.
+
+    ``total`` counts every distinct storage the autograd graph saves (for NumPy: the arrays in the
+    cache); ``new`` leaves out the input itself, which the caller holds anyway.
+    """
+    x, _, weight, bias, _, _ = _inputs(shape, torch.device(device))
+    if impl == "numpy":
+        xn = x.cpu().numpy()
+        forward = reference.spatial_batchnorm_forward if xn.ndim == 4 else reference.batchnorm_forward
+        _, cache = forward(xn, weight.cpu().numpy(), beta=bias.cpu().numpy())
+        arrays = [a for a in cache if isinstance(a, np.ndarray)]
+        total = sum(a.nbytes for a in arrays)
+        new = sum(a.nbytes for a in arrays if not np.shares_memory(a, xn))
+        return total / xn.nbytes, new / xn.nbytes
+    x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _train_forward(impl)(x, weight, bias)
+    nbytes = x.numel() * x.element_size()
+    total = sum(saved.values())
+    new = total - saved.get(x.untyped_storage().data_ptr(), 0)
+    return total / nbytes, new / nbytes
+
+
+def copy_bandwidth(shape: Sequence[int], device: torch.device | str = "cpu", rounds: int = 10) -> float:
+    """Bytes per second of a tensor copy of ``shape`` (read plus write), median over rounds."""
+    src = torch.randn(*shape, device=device)
+    dst = torch.empty_like(src)
+    seconds = statistics.median(time_interleaved({"copy": lambda: dst.copy_(src)}, rounds=rounds)["copy"])
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def bandwidth_bound(shape: Sequence[int], mode: str, bandwidth: float, element_size: int = 4) -> float:
+    """Lower bound in seconds: the bytes a step must move (:data:`TRAIN_PASSES` or :data:`EVAL_PASSES`
+    input-sized transfers) divided by ``bandwidth``."""
+    passes = {"train": TRAIN_PASSES, "eval": EVAL_PASSES}[mode]
+    return passes * int(np.prod(shape)) * element_size / bandwidth
+
+
+def compile_cost(shape: Sequence[int], device: torch.device | str = "cpu") -> tuple[float, bool]:
+    """Seconds of the first compiled training step (forward and backward) of a new ``shape``, minus a
+    warm one: the one-time compile. Also whether the compiled path is in use (not the eager fallback)."""
+    step = make_step("compiled", "train", shape, device)
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    step()
+    warm = time.perf_counter() - start
+    return max(first - warm, 0.0), compiled.available()[0]
+
+
+@dataclass
+class Result:
+    """One row of the benchmark: an implementation on a shape in a mode."""
+
+    mode: str
+    shape: tuple[int, ...]
+    impl: str
+    median_s: float
+    ratio: float  # median time / native's median time, same run
+    saved: tuple[float, float] | None  # (total, new) input sizes kept for backward; None in eval
+
+
+def run(
+    shapes: Sequence[Sequence[int]] = MLP_SHAPES + CONV_SHAPES,
+    modes: Sequence[str] = ("train", "eval"),
+    impls: Sequence[str] = IMPLEMENTATIONS,
+    device: torch.device | str = "cpu",
+    rounds: int = 10,
+    threads: int = 1,
+) -> list[Result]:
+    """Time every implementation on every shape and mode (interleaved); ratios against native."""
+    if "native" not in impls:
+        raise ValueError("ratios are taken against 'native': include it in impls")
+    device = torch.device(device)
+    results = []
+    for mode in modes:
+        for shape in shapes:
+            names = [i for i in impls if _applies(i, mode, shape, device)]
+            steps = {i: make_step(i, mode, shape, device) for i in names}
+            samples = time_interleaved(steps, rounds=rounds, threads=threads)
+            medians = {i: statistics.median(samples[i]) for i in names}
+            for i in names:
+                saved = saved_for_backward(i, shape, device) if mode == "train" else None
+                results.append(Result(mode, tuple(shape), i, medians[i], medians[i] / medians["native"], saved))
+    return results
+
+
+def _applies(impl: str, mode: str, shape: Sequence[int], device: torch.device) -> bool:
+    if impl == "compiled":
+        return mode == "train"
+    if impl != "numpy":
+        return True
+    return device.type == "cpu" and (len(shape) in (2, 4) if mode == "train" else len(shape) == 2)
+
+
+def fold_speedup(
+    channels: int = 64,
+    batch: int = 8,
+    size: int = 32,
+    groups: int = 1,
+    device: torch.device | str = "cpu",
+    rounds: int = 10,
+    threads: int = 1,
+) -> dict[str, float]:
+    """Evaluation-mode conv followed by BN against the conv with BN folded into it (bnlib.fusion).
+
+    Returns median seconds of ``conv+bn`` and ``folded``, their ratio ``speedup``, and ``max_diff``,
+    the largest difference of the two outputs. ``groups=channels`` gives a depthwise convolution,
+    whose cost is of the same order as BN's pass over memory.
+    """
+    from bnlib.fusion import fuse_conv_bn
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False)
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(channels, generator=g))
+    pair = nn.Sequential(conv, bn).eval().to(device)
+    folded = fuse_conv_bn(conv, bn).eval().to(device)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device)
+    with torch.no_grad():
+        max_diff = (pair(x) - folded(x)).abs().max().item()
+
+    def no_grad(module):
+        def step():
+            with torch.no_grad():
+                return module(x)
+
+        return step
+
+    samples = time_interleaved({"conv+bn": no_grad(pair), "folded": no_grad(folded)}, rounds=rounds, threads=threads)
+    t_pair, t_folded = statistics.median(samples["conv+bn"]), statistics.median(samples["folded"])
+    return {"conv+bn": t_pair, "folded": t_folded, "speedup": t_pair / t_folded, "max_diff": max_diff}
