@@ -45,3 +45,18 @@ vendor:
 
 clean:
 	rm -rf _build
+
+## Kernel benchmark: bnlib's batch norm against torch's native kernel, autograd from ops, NumPy (ratios).
+## BENCH_ARGS="--quick" for one shape, "--strict" to fail when a target is missed.
+.PHONY: bench determinism fresh-install
+bench: $(STAMP)
+	$(PY) benchmarks/bench_batchnorm.py $(BENCH_ARGS)
+
+## Execute every chapter twice from a fresh kernel and compare the outputs (volatile cells excepted);
+## prints each chapter's execution time and peak memory against the budget (slow: minutes).
+determinism: $(STAMP)
+	BNBOOK_DETERMINISM=1 $(PY) -m pytest -p no:cacheprovider -q -s tests/test_determinism.py
+
+## A clean virtual environment from requirements.txt, bnlib installed by a chapter's setup cell (about 2 min).
+fresh-install: $(STAMP)
+	BNBOOK_FRESH_INSTALL=1 $(PY) -m pytest -p no:cacheprovider -q -s tests/test_fresh_install.py

@@ -1,0 +1,120 @@
+"""Batch-norm kernel benchmark: native torch, bnlib (eager and compiled), autograd from ops, NumPy.
+
+Run with ``make bench`` (or ``python benchmarks/bench_batchnorm.py --help``). Prints, per mode and
+shape, the median time of each implementation, its ratio to torch's native kernel measured in the
+same run, what it keeps for backward, and the memory-bandwidth bound; then the one-time compile
+cost, the speed-up of folding BN into the convolution before it, and which targets hold.
+Timings depend on the machine and its load: read the ratios, not the milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from bnlib import bench, compiled
+from bnlib.report import Table
+
+# training forward+backward at the conv shapes: what must hold (impl, bound on its ratio to native)
+TARGETS = {
+    "bnlib": 1.6,  # eager bnlib.functional within 1.6x of native
+    "compiled": 1.0,  # compiled at or below native
+    "numpy": 3.0,  # NumPy reference within 3x of native
+}
+FROM_OPS_OVER_BNLIB = 2.0  # bnlib at least 2x faster than autograd from ops
+
+
+def _shape(s: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, s)) + ")"
+
+
+def table(results: list[bench.Result], mode: str, bandwidth: float) -> Table:
+    rows = []
+    for r in results:
+        if r.mode != mode:
+            continue
+        bound = bench.bandwidth_bound(r.shape, mode, bandwidth)
+        saved = "" if r.saved is None else f"{r.saved[0]:.2f} / {r.saved[1]:.2f}"
+        ms, over_bound = f"{r.median_s * 1e3:.2f}", f"{r.median_s / bound:.1f}"
+        rows.append([_shape(r.shape), r.impl, ms, f"{r.ratio:.2f}", over_bound, saved])
+    headers = ["shape", "implementation", "median ms", "x native", "x bandwidth bound", "kept for backward: all / new"]
+    caption = "training: forward + backward" if mode == "train" else "evaluation: forward"
+    return Table(headers, rows, caption=caption)
+
+
+def check_targets(results: list[bench.Result], conv_shapes) -> list[tuple[str, bool]]:
+    by = {(r.shape, r.impl): r for r in results if r.mode == "train"}
+    checks = []
+    for shape in map(tuple, conv_shapes):
+        for impl, limit in TARGETS.items():
+            if (shape, impl) in by:
+                ratio = by[shape, impl].ratio
+                checks.append((f"{_shape(shape)} {impl}: {ratio:.2f}x native <= {limit}", ratio <= limit))
+        if (shape, "from ops") in by and (shape, "bnlib") in by:
+            speed = by[shape, "from ops"].median_s / by[shape, "bnlib"].median_s
+            checks.append(
+                (f"{_shape(shape)} bnlib {speed:.2f}x faster than from ops >= {FROM_OPS_OVER_BNLIB}", speed >= 2.0)
+            )
+        if (shape, "bnlib") in by:
+            _, new = by[shape, "bnlib"].saved
+            text = f"{_shape(shape)} bnlib keeps {new:.2f} new input-sized tensors for backward <= 1"
+            checks.append((text, new <= 1.01))
+    return checks
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per shape (default 15)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1, as in the book)")
+    parser.add_argument("--quick", action="store_true", help="one conv shape, 5 rounds, no compile")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile path")
+    parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a target is missed")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    conv_shapes = bench.CONV_SHAPES[:1] if args.quick else bench.CONV_SHAPES
+    shapes = bench.MLP_SHAPES + conv_shapes
+    rounds = 5 if args.quick else args.rounds
+    impls = [i for i in bench.IMPLEMENTATIONS if not ((args.quick or args.no_compile) and i == "compiled")]
+
+    print(f"torch {torch.__version__}, float32, {args.threads} CPU thread(s), median of {rounds} interleaved rounds")
+    print("Timings depend on the machine and on its load at the time: compare the ratios (same run).\n")
+    all_ok = True
+    for device in devices:
+        print(f"== {device}" + (f": {torch.cuda.get_device_name()}" if device == "cuda" else ""))
+        bandwidth = bench.copy_bandwidth(conv_shapes[0], device)
+        print(f"copy bandwidth at {_shape(conv_shapes[0])}: {bandwidth / 1e9:.1f} GB/s (read + write)")
+        if "compiled" in impls:
+            cost, in_use = bench.compile_cost(conv_shapes[0], device)
+            status = "compiled" if in_use else f"NOT compiled, eager fallback: {compiled.available()[1]}"
+            where = _shape(conv_shapes[0])
+            print(f"torch.compile, one-time cost of the first training step at {where}: {cost:.1f} s ({status})")
+        dev_impls = [i for i in impls if not (i == "numpy" and device != "cpu")]
+        results = bench.run(shapes, ("train", "eval"), dev_impls, device, rounds, args.threads)
+        print()
+        print(table(results, "train", bandwidth))
+        print()
+        print(table(results, "eval", bandwidth))
+        print("\nkept for backward: distinct tensors the autograd graph saves, in input sizes; 'new' leaves out the")
+        print("input itself. x bandwidth bound: time / (bytes a step must move / copy bandwidth).")
+        for groups, label in ((1, "3x3 conv"), (64, "depthwise 3x3 conv")):
+            f = bench.fold_speedup(channels=64, batch=8, size=32, groups=groups, device=device, rounds=rounds)
+            print(
+                f"eval, {label} on (8, 64, 32, 32): conv+BN {f['conv+bn'] * 1e3:.2f} ms, "
+                f"folded {f['folded'] * 1e3:.2f} ms, speed-up {f['speedup']:.2f}x "
+                f"(max |difference| {f['max_diff']:.1e})"
+            )
+        print("\ntargets (training, conv shapes):")
+        for text, ok in check_targets(results, conv_shapes):
+            all_ok &= ok
+            print(f"  [{'ok' if ok else 'MISSED'}] {text}")
+        print()
+    print("all targets hold" if all_ok else "some targets missed (timings under load vary: see the ratios above)")
+    return 1 if (args.strict and not all_ok) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
