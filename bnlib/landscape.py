@@ -9,7 +9,7 @@ running statistics and step counters are left exactly as they were.
 - :func:`probe_along_gradient`: from ``theta`` with gradient ``g``, step to ``theta - eta g`` for
   several step sizes ``eta`` and measure (a) the range of the loss values, (b) gradient
   predictiveness ``||grad L(theta - eta g) - grad L(theta)||`` and (c) the effective beta-smoothness
-  ``max_eta ||grad L(theta - eta g) - grad L(theta)|| / ||eta g||`` (the paper's Fig. 4).
+  ``max_eta ||grad L(theta - eta g) - grad L(theta)|| / ||eta g||`` (the paper's landscape figure).
 - :func:`internal_covariate_shift`: the paper's Definition 2.1, ``G`` (gradient of a layer's weights)
   against ``G'`` (the same gradient after the earlier layers took their SGD step, same batch), as the
   l2 distance ``||G - G'||`` and the cosine ``<G, G'> / (||G|| ||G'||)``.
@@ -130,7 +130,7 @@ class GradientProbe:
 def probe_along_gradient(objective: Objective, theta: Tensor, etas: Sequence[float]) -> GradientProbe:
     """Move from ``theta`` along the negative gradient by each step size and measure the landscape.
 
-    Implements the three measurements of Santurkar et al. (2018), Fig. 4, at one point: with
+    Implements the three landscape measurements of Santurkar et al. (2018) at one point: with
     ``g = grad L(theta)`` and ``theta_eta = theta - eta g``,
 
         loss range      = max_eta L(theta_eta) - min_eta L(theta_eta)
