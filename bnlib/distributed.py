@@ -194,7 +194,8 @@ class SyncBatchNorm(_BatchNorm):
                 module.affine,
                 module.track_running_stats,
                 process_group,
-                device=(module.weight.device if module.weight is not None else None),
+                device=ref.device if (ref := _any_tensor(module)) is not None else None,
+                dtype=ref.dtype if ref is not None else None,
             )
             sync.load_state_dict(module.state_dict())
             sync.train(module.training)
@@ -202,6 +203,14 @@ class SyncBatchNorm(_BatchNorm):
         for name, child in module.named_children():
             setattr(module, name, cls.convert_sync_batchnorm(child, process_group))
         return module
+
+
+def _any_tensor(module: nn.Module) -> Tensor | None:
+    """A floating-point parameter or buffer of ``module`` (its device and dtype), if it has one."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            return t
+    return None
 
 
 # --- running several processes -----------------------------------------------------------------
@@ -402,6 +411,7 @@ def train_data_parallel(
     steps: int = 100,
     lr: float = 0.05,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Data-parallel SGD (momentum 0.9) of ``bnlib.models.mlp(sizes, "relu", BatchNorm1d)``, by hand.
 
@@ -412,12 +422,14 @@ def train_data_parallel(
 
     Returns ``{"state": the final state_dict, "losses": this process's training losses}``. Running
     statistics differ between processes with per-process BN (DistributedDataParallel would
-    broadcast process 0's); the parameters are the same everywhere.
+    broadcast process 0's); the parameters are the same everywhere. ``dtype=torch.float64`` makes
+    runs comparable over many steps: small-batch training amplifies float32 rounding quickly.
     """
     from bnlib.models import mlp
     from bnlib.modules import BatchNorm1d
 
-    net = mlp(list(sizes), "relu", BatchNorm1d, generator=torch.Generator().manual_seed(seed))
+    net = mlp(list(sizes), "relu", BatchNorm1d, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x = x.to(dtype)
     if sync:
         net = SyncBatchNorm.convert_sync_batchnorm(net)
     mine = [
@@ -437,13 +449,15 @@ def train_one_process(
     steps: int = 100,
     lr: float = 0.05,
     seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     """The single-process counterpart of :func:`train_data_parallel`: same network initialization,
     same global batches, same optimizer, with the normalization layer ``norm`` (e.g.
     ``bnlib.BatchNorm1d``, or ``bnlib.norms.factory("ghost", ghost_size=2)`` for per-process BN)."""
     from bnlib.models import mlp
 
-    net = mlp(list(sizes), "relu", norm, generator=torch.Generator().manual_seed(seed))
+    net = mlp(list(sizes), "relu", norm, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    x = x.to(dtype)
     batches = _global_batches(len(x), batch_size, steps, seed + 1)
     losses = _sgd_run(net, ((x[i], y[i]) for i in batches), lr)
     return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}

@@ -91,9 +91,20 @@ def _grouped(x: Tensor, groups: int) -> Tensor:
     return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
 
 
+def mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over ``dims`` (kept), by the two-pass formula mean((x - mean)^2).
+
+    Two passes are numerically safe and, on the CPU, many times faster than ``torch.var_mean``
+    for the small reductions of these layers.
+    """
+    dims = tuple(dims)
+    mean = x.mean(dims, keepdim=True)
+    return mean, (x - mean).pow(2).mean(dims, keepdim=True)
+
+
 def standardize(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
     """(x - mean) / sqrt(var + eps) with the mean and biased variance over ``dims`` (kept)."""
-    var, mean = torch.var_mean(x, dim=tuple(dims), keepdim=True, correction=0)
+    mean, var = mean_var(x, dims)
     return (x - mean) * torch.rsqrt(var + eps)
 
 
@@ -345,8 +356,10 @@ class _InstanceNorm(_ChannelNorm):
             out = normalize(x, "instance", eps=self.eps)
             if self.training and self.track_running_stats:
                 flat = x.detach().reshape(x.shape[0], x.shape[1], -1)
-                var, mean = torch.var_mean(flat, dim=2, correction=1)
-                self._update(mean.mean(0), var.mean(0), 0.0 if self.momentum is None else self.momentum)
+                mean, var = mean_var(flat, (2,))
+                m = flat.shape[2]
+                unbiased = var * m / max(m - 1, 1)
+                self._update(mean.mean((0, 2)), unbiased.mean((0, 2)), 0.0 if self.momentum is None else self.momentum)
         else:
             out = self._eval(x)
         out = _affine(out, self.weight, self.bias)
@@ -483,7 +496,7 @@ class BatchRenorm(_ChannelNorm):
         if g * input[0, 0].numel() < 2:
             raise ValueError(f"expected more than 1 value per channel when training, got input size {input.shape}")
         x = input.reshape(n // g, g, c, -1)  # (groups, samples, C, positions)
-        var, mean = torch.var_mean(x, dim=(1, 3), keepdim=True, correction=0)
+        mean, var = mean_var(x, (1, 3))
         std_b = torch.sqrt(var + self.eps)
         x_hat = (x - mean) / std_b
         rmax, dmax = self.limits()
