@@ -30,16 +30,15 @@ def _shape(s: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, s)) + ")"
 
 
-def table(results: list[bench.Result], mode: str, bandwidth: float) -> Table:
+def table(results: list[bench.Result], mode: str) -> Table:
     rows = []
     for r in results:
         if r.mode != mode:
             continue
-        bound = bench.bandwidth_bound(r.shape, mode, bandwidth)
         saved = "" if r.saved is None else f"{r.saved[0]:.2f} / {r.saved[1]:.2f}"
-        ms, over_bound = f"{r.median_s * 1e3:.2f}", f"{r.median_s / bound:.1f}"
-        rows.append([_shape(r.shape), r.impl, ms, f"{r.ratio:.2f}", over_bound, saved])
-    headers = ["shape", "implementation", "median ms", "x native", "x bandwidth bound", "kept for backward: all / new"]
+        ms, over_bound = f"{r.median_s * 1e3:.2f}", f"{r.median_s / r.bound_s:.1f}"
+        rows.append([_shape(r.shape), r.impl, ms, f"{r.ratio:.2f}", over_bound, f"{r.bandwidth / 1e9:.1f}", saved])
+    headers = ["shape", "implementation", "median ms", "x native", "x bound", "copy GB/s", "kept: all / new"]
     caption = "training: forward + backward" if mode == "train" else "evaluation: forward"
     return Table(headers, rows, caption=caption)
 
@@ -85,8 +84,6 @@ def main(argv: list[str]) -> int:
     all_ok = True
     for device in devices:
         print(f"== {device}" + (f": {torch.cuda.get_device_name()}" if device == "cuda" else ""))
-        bandwidth = bench.copy_bandwidth(conv_shapes[0], device)
-        print(f"copy bandwidth at {_shape(conv_shapes[0])}: {bandwidth / 1e9:.1f} GB/s (read + write)")
         if "compiled" in impls:
             cost, in_use = bench.compile_cost(conv_shapes[0], device)
             status = "compiled" if in_use else f"NOT compiled, eager fallback: {compiled.available()[1]}"
@@ -95,11 +92,12 @@ def main(argv: list[str]) -> int:
         dev_impls = [i for i in impls if not (i == "numpy" and device != "cpu")]
         results = bench.run(shapes, ("train", "eval"), dev_impls, device, rounds, args.threads)
         print()
-        print(table(results, "train", bandwidth))
+        print(table(results, "train"))
         print()
-        print(table(results, "eval", bandwidth))
+        print(table(results, "eval"))
         print("\nkept for backward: distinct tensors the autograd graph saves, in input sizes; 'new' leaves out the")
-        print("input itself. x bandwidth bound: time / (bytes a step must move / copy bandwidth).")
+        print("input itself. x bound: time / (bytes a step must move / copy bandwidth); copy GB/s: a plain copy of")
+        print(f"the input timed in the same rounds (training moves {bench.TRAIN_PASSES} input sizes, evaluation 2).")
         for groups, label in ((1, "3x3 conv"), (64, "depthwise 3x3 conv")):
             f = bench.fold_speedup(channels=64, batch=8, size=32, groups=groups, device=device, rounds=rounds)
             print(

@@ -253,6 +253,18 @@ class Result:
     median_s: float
     ratio: float  # median time / native's median time, same run
     saved: tuple[float, float] | None  # (total, new) input sizes kept for backward; None in eval
+    copy_s: float  # median time of a plain copy of the input, timed in the same rounds
+
+    @property
+    def bound_s(self) -> float:
+        """The bandwidth bound: the step's input-sized transfers at the speed of the same-run copy
+        (a copy is two transfers, a read and a write)."""
+        return {"train": TRAIN_PASSES, "eval": EVAL_PASSES}[self.mode] / 2 * self.copy_s
+
+    @property
+    def bandwidth(self) -> float:
+        """Bytes per second of the same-run copy (read plus write), float32 input."""
+        return 2 * 4 * int(np.prod(self.shape)) / self.copy_s
 
 
 def run(
@@ -263,7 +275,10 @@ def run(
     rounds: int = 10,
     threads: int = 1,
 ) -> list[Result]:
-    """Time every implementation on every shape and mode (interleaved); ratios against native."""
+    """Time every implementation on every shape and mode (interleaved); ratios against native.
+
+    A plain copy of the input is timed in the same rounds, for the bandwidth bound of each row.
+    """
     if "native" not in impls:
         raise ValueError("ratios are taken against 'native': include it in impls")
     device = torch.device(device)
@@ -272,11 +287,15 @@ def run(
         for shape in shapes:
             names = [i for i in impls if _applies(i, mode, shape, device)]
             steps = {i: make_step(i, mode, shape, device) for i in names}
+            src = torch.randn(*shape, device=device)
+            dst = torch.empty_like(src)
+            steps[" copy"] = lambda src=src, dst=dst: dst.copy_(src)
             samples = time_interleaved(steps, rounds=rounds, threads=threads)
-            medians = {i: statistics.median(samples[i]) for i in names}
+            medians = {i: statistics.median(samples[i]) for i in steps}
             for i in names:
                 saved = saved_for_backward(i, shape, device) if mode == "train" else None
-                results.append(Result(mode, tuple(shape), i, medians[i], medians[i] / medians["native"], saved))
+                ratio = medians[i] / medians["native"]
+                results.append(Result(mode, tuple(shape), i, medians[i], ratio, saved, medians[" copy"]))
     return results
 
 
