@@ -91,8 +91,9 @@ class NormRNN(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"expected (N, T, D) sequences, got shape {tuple(x.shape)}")
         h = x.new_zeros(x.shape[0], self.w_h.in_features)
+        inputs = self.w_x(x)  # (N, T, H): the input part of every step in one product
         for t in range(x.shape[1]):
-            a = self.w_x(x[:, t]) + self.w_h(h)
+            a = inputs[:, t] + self.w_h(h)
             if self.norms:
                 a = self.norms[min(t, len(self.norms) - 1)](a)
             h = torch.tanh(a)
