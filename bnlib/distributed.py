@@ -27,6 +27,7 @@ from __future__ import annotations
 import pickle
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -252,15 +253,15 @@ def launch(
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes joined by a gloo process
     group on 127.0.0.1, and return their results in rank order.
 
-    ``start_method``: "fork" by default where the system has it (Linux: the children start in
-    about a second, sharing what the parent has imported); elsewhere "spawn", which starts fresh
+    ``start_method``: "fork" by default on Linux (the children start in about a second, sharing
+    what the parent has imported); elsewhere "spawn", which starts fresh
     interpreters (several seconds) and needs ``fn`` importable from a module. Raises RuntimeError
     with the worker's traceback if a process fails or none answers within ``timeout_s``.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be positive, got {world_size}")
     if start_method is None:
-        start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        start_method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork is unsafe on macOS
     ctx = mp.get_context(start_method)
     if start_method == "fork":  # the first optimizer imports torch._dynamo (seconds): do it once, here
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
