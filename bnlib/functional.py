@@ -108,8 +108,9 @@ class _BatchNormTrain(torch.autograd.Function):
             grad_weight = sum_dy_x_hat.to(weight.dtype)
         if need_x:
             # sum(dx_hat) = weight * sum(dy) and sum(dx_hat * x_hat) = weight * sum(dy * x_hat), so
-            # dx = (inv_std / m) (m dx_hat - sum(dx_hat) - x_hat sum(dx_hat x_hat))
-            #    = a dy + b x_hat + c = a dy + (b inv_std) x_c + (c - b inv_std d)
+            # dx = (inv_std / m) (m dx_hat - sum(dx_hat) - x_hat sum(dx_hat x_hat)) = a dy + B x_hat + C
+            # with a = weight inv_std, B = -a sum(dy x_hat) / m, C = -a sum(dy) / m; in terms of x_c:
+            # dx = a dy + b x_c + c with b = B inv_std, c = C - b d
             a = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
             b = -a * sum_dy_x_hat / m * inv_std
             c = -a * sum_dy / m - b * d

@@ -108,9 +108,10 @@ def _peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def execute(path: Path) -> tuple[nbformat.NotebookNode, float, float | None]:
-    """Execute a copy of the notebook in a fresh kernel (in its own folder); the file is not written."""
-    nb = nbformat.read(path, as_version=4)
+def execute(path: Path, source: str) -> tuple[nbformat.NotebookNode, float, float | None]:
+    """Execute the notebook ``source`` (read from ``path``) in a fresh kernel, in the notebook's folder;
+    no file is written."""
+    nb = nbformat.reads(source, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
@@ -137,11 +138,18 @@ def execute(path: Path) -> tuple[nbformat.NotebookNode, float, float | None]:
 @pytest.mark.parametrize("chapter", chapters())
 def test_two_runs_give_the_same_outputs(chapter):
     path = ROOT / chapter
-    runs = [execute(path) for _ in range(2)]
+    source = path.read_text(encoding="utf-8")  # read once: both runs execute the same cells
+    runs = [execute(path, source) for _ in range(2)]
     RECORDS[chapter] = [{"seconds": round(s, 1), "peak_memory_mb": m and round(m)} for _, s, m in runs]
     first, second = (comparable_outputs(nb) for nb, _, _ in runs)
     differing = [i for i in first if first[i] != second.get(i)]
-    assert not differing, f"{chapter}: code cells {differing} (0-based) differ between two runs"
+    detail = ""
+    if differing:
+        a, b = first[differing[0]], second.get(differing[0], "")
+        at = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+        window = slice(max(at - 60, 0), at + 60)
+        detail = f"; first difference in cell {differing[0]}: {a[window]!r} vs {b[window]!r}"
+    assert not differing, f"{chapter}: code cells {differing} (0-based) differ between two runs{detail}"
 
 
 def test_report_budget():
