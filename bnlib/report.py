@@ -10,7 +10,9 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["Table", "bound", "glue", "upper_decade"]
+__all__ = ["GLUE_DIGITS", "Table", "bound", "glue", "upper_decade"]
+
+GLUE_DIGITS = 6  # significant digits of a glued float
 
 
 def upper_decade(x: float) -> float:
@@ -69,11 +71,15 @@ def glue(name: str, value: object, display: bool = False) -> None:
     """Store ``value`` under ``name`` for the book's text (``{glue:text}`name```) via myst-nb.
 
     NumPy and torch scalars are stored as plain Python numbers (NumPy 2 would otherwise store
-    ``np.float64(...)``, which the text formats cannot read). Where myst-nb is not installed (Colab,
-    a bare kernel) this does nothing, so chapters run anywhere.
+    ``np.float64(...)``, which the text formats cannot read), and floats are rounded to
+    :data:`GLUE_DIGITS` significant digits: the text shows fewer, and the stored value (which the
+    notebook tests compare) then does not depend on last-bit rounding. Where myst-nb is not
+    installed (Colab, a bare kernel) this does nothing, so chapters run anywhere.
     """
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         value = value.item()
+    if isinstance(value, float) and math.isfinite(value):
+        value = float(f"{value:.{GLUE_DIGITS}g}")
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

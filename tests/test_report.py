@@ -40,4 +40,7 @@ def test_glue_stores_plain_python_numbers(monkeypatch):
     monkeypatch.setattr("myst_nb.glue", lambda name, value, display=False: stored.__setitem__(name, value))
     bnlib.report.glue("a", np.float64(0.25))
     bnlib.report.glue("b", torch.tensor(3))
+    bnlib.report.glue("c", 0.1234567891)
+    bnlib.report.glue("d", float("inf"))
     assert repr(stored["a"]) == "0.25" and repr(stored["b"]) == "3"
+    assert stored["c"] == 0.123457 and stored["d"] == float("inf")
