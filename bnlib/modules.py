@@ -11,31 +11,15 @@ from torch import Tensor, nn
 
 from bnlib import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d"]  # _NormBase is shared with bnlib.norms and bnlib.distributed
 
 
-class _BatchNorm(nn.Module):
-    r"""Shared base: parameters, buffers and the forward pass; subclasses only check dimensions.
-
-    .. math::
-        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
-
-    Statistics are taken per channel over every dimension except 1. In training mode the batch
-    statistics are used (biased variance) and, with ``track_running_stats``, the running
-    averages are updated (unbiased variance). In eval mode the running averages are used.
-
-    Args:
-        num_features: number of channels C.
-        eps: added to the variance for numerical stability. Default: 1e-5.
-        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
-            (simple) average over all batches seen. Default: 0.1.
-        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
-        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
-            without them batch statistics are used in eval mode too. Default: True.
-        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
+class _NormBase(nn.Module):
+    """Per-channel parameters (``weight``, ``bias``) and running statistics (``running_mean``,
+    ``running_var``, ``num_batches_tracked``), laid out as in torch.nn; shared by every layer in
+    bnlib that normalizes per channel (batch norm here, instance norm and batch renorm in
+    :mod:`bnlib.norms`, synchronized batch norm in :mod:`bnlib.distributed`).
     """
-
-    _expected_dims: tuple[int, ...] = ()
 
     def __init__(
         self,
@@ -94,6 +78,36 @@ class _BatchNorm(nn.Module):
         if self.use_bias:
             nn.init.zeros_(self.bias)
 
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.use_bias}, track_running_stats={self.track_running_stats}"
+        )
+
+
+class _BatchNorm(_NormBase):
+    r"""Shared base: parameters, buffers and the forward pass; subclasses only check dimensions.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    Statistics are taken per channel over every dimension except 1. In training mode the batch
+    statistics are used (biased variance) and, with ``track_running_stats``, the running
+    averages are updated (unbiased variance). In eval mode the running averages are used.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability. Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
+    """
+
+    _expected_dims: tuple[int, ...] = ()
+
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
             expected = " or ".join(f"{d}D" for d in self._expected_dims)
@@ -119,12 +133,6 @@ class _BatchNorm(nn.Module):
             use_batch_stats,
             factor,
             self.eps,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.use_bias}, track_running_stats={self.track_running_stats}"
         )
 
 

@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from bnlib.modules import _NormBase
+
 __all__ = [
     "METHODS",
     "AXES",
@@ -264,39 +266,8 @@ def _affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     return x
 
 
-class _ChannelNorm(nn.Module):
-    """Per-channel parameters and optional running statistics, laid out as torch.nn's ``_NormBase``."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        kw = _factory(device, dtype)
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.affine, self.track_running_stats = affine, track_running_stats
-        self.weight = nn.Parameter(torch.ones(num_features, **kw)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features, **kw)) if affine and bias else None
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **kw))
-            self.register_buffer("running_var", torch.ones(num_features, **kw))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+class _ChannelNorm(_NormBase):
+    """Per-channel parameters and optional running statistics (:class:`bnlib.modules._NormBase`)."""
 
     def _update(self, mean: Tensor, unbiased_var: Tensor, factor: float) -> None:
         with torch.no_grad():
@@ -306,12 +277,6 @@ class _ChannelNorm(nn.Module):
     def _eval(self, x: Tensor) -> Tensor:
         shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
         return (x - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
 
 
 class _InstanceNorm(_ChannelNorm):
