@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +28,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "bnlib")
 
 
 def setup_cell() -> str:
@@ -107,19 +105,6 @@ def _fresh_python(tmp_path: Path) -> Path:
     return python
 
 
-def _checkout_copy(tmp_path: Path) -> Path:
-    """The package as pip would get it from the repository: a copy of its files (no build litter here)."""
-    copy = tmp_path / "checkout"
-    copy.mkdir()
-    for name in PACKAGE_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(source, copy / name)
-    return copy
-
-
 EXPERIMENT = """
 import json, sys
 import torch
@@ -144,9 +129,9 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_setup_cell_installs_bnlib_in_a_fresh_environment(tmp_path):
+def test_setup_cell_installs_bnlib_in_a_fresh_environment(tmp_path, checkout_copy):
     python = _fresh_python(tmp_path)
-    source = _checkout_copy(tmp_path)
+    source = checkout_copy
     env = {
         key: value
         for key, value in os.environ.items()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +28,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAPTER = ROOT / "book" / "formulas.ipynb"
-PACKAGE_FILES = ("pyproject.toml", "README.md", "LICENSE", "bnlib")
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("BNBOOK_FRESH_INSTALL") != "1",
@@ -64,19 +62,7 @@ def chapter_cells(path: Path, count: int) -> list[str]:
     return [cell.source for cell in nb.cells if cell.cell_type == "code"][:count]
 
 
-def _checkout_copy(tmp_path: Path) -> Path:
-    copy = tmp_path / "checkout"
-    copy.mkdir()
-    for name in PACKAGE_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(source, copy / name)
-    return copy
-
-
-def test_fresh_environment_runs_a_chapter(tmp_path):
+def test_fresh_environment_runs_a_chapter(tmp_path, checkout_copy):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, symlinks=os.name != "nt").create(env_dir)
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
@@ -98,7 +84,7 @@ def test_fresh_environment_runs_a_chapter(tmp_path):
     # (on Binder and Colab the repository's git URL; here a copy of the working tree)
     setup, second = chapter_cells(CHAPTER, 2)
     assert "BNLIB_SOURCE" in setup and "bnlib.setup" in second
-    env["BNLIB_SOURCE"] = _checkout_copy(tmp_path).as_uri()
+    env["BNLIB_SOURCE"] = checkout_copy.as_uri()
     start = time.perf_counter()
     result = run([str(python), "-c", "\n".join([setup, second, EXPERIMENT])])
     experiment_s = time.perf_counter() - start
