@@ -22,7 +22,8 @@ reduce over :data:`GROUPED_DIMS` (batch norm also over dimension 0). :func:`norm
 that, the layers below call it, and :func:`shares_statistics` draws the picture from the same plan,
 so the taxonomy figure and the implementation cannot disagree.
 
-Layers (same constructor arguments, parameter names, buffers and outputs as torch.nn's):
+Layers (same constructor arguments, parameter names, buffers and outputs as torch.nn's; float16 and
+bfloat16 input is normalized with float32 statistics and comes out in its own dtype):
 :class:`LayerNorm`, :class:`GroupNorm`, :class:`InstanceNorm1d`, :class:`InstanceNorm2d`,
 :class:`RMSNorm`. Beyond torch.nn: :class:`BatchRenorm` (Ioffe 2017) with its rmax/dmax schedule,
 and :class:`GhostBatchNorm` (batch statistics over groups of ``ghost_size`` samples, which is what
@@ -66,6 +67,8 @@ AXES: dict[str, tuple[str, ...]] = {
 }
 #: dimensions of the grouped view (N, G, C/G, S) that are reduced; batch norm adds dimension 0
 GROUPED_DIMS = (2, 3)
+#: input dtypes whose statistics are computed in float32 (the output keeps the input's dtype)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def plan(method: str, num_channels: int, num_groups: int | None = None) -> tuple[int, tuple[int, ...]]:
@@ -90,7 +93,19 @@ def plan(method: str, num_channels: int, num_groups: int | None = None) -> tuple
 
 
 def _grouped(x: Tensor, groups: int) -> Tensor:
-    return x.reshape(x.shape[0], groups, x.shape[1] // groups, -1)
+    # S spelled out rather than -1: an empty batch has no size to infer it from
+    return x.reshape(x.shape[0], groups, x.shape[1] // groups, math.prod(x.shape[2:]))
+
+
+def _compute(x: Tensor) -> Tensor:
+    """``x`` in the dtype its statistics are computed in: float32 for float16/bfloat16, else itself."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def _as_input(out: Tensor, input: Tensor) -> Tensor:
+    """The result in a low-precision input's dtype (float32 parameters would otherwise promote it),
+    as torch.nn's layers return it; other dtypes are left as computed."""
+    return out.to(input.dtype) if input.dtype in _LOW_PRECISION else out
 
 
 def mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -118,8 +133,7 @@ def normalize(x: Tensor, method: str, num_groups: int | None = None, eps: float 
     if x.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, ...), got {x.dim()}D input")
     groups, dims = plan(method, x.shape[1], num_groups)
-    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = standardize(_grouped(x.to(compute), groups), dims, eps)
+    out = standardize(_grouped(_compute(x), groups), dims, eps)
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -193,12 +207,12 @@ class LayerNorm(nn.Module):
         k = len(self.normalized_shape)
         if tuple(input.shape[-k:]) != self.normalized_shape:
             raise ValueError(f"expected input ending in {self.normalized_shape}, got shape {tuple(input.shape)}")
-        out = standardize(input, range(-k, 0), self.eps)
+        out = standardize(_compute(input), range(-k, 0), self.eps)
         if self.weight is not None:
             out = out * self.weight
         if self.bias is not None:
             out = out + self.bias
-        return out
+        return _as_input(out, input)
 
     def extra_repr(self) -> str:
         return (
@@ -248,7 +262,8 @@ class GroupNorm(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
             raise ValueError(f"expected input (N, {self.num_channels}, *), got shape {tuple(input.shape)}")
-        return _affine(normalize(input, "group", self.num_groups, self.eps), self.weight, self.bias)
+        x = _compute(input)
+        return _as_input(_affine(normalize(x, "group", self.num_groups, self.eps), self.weight, self.bias), input)
 
     def extra_repr(self) -> str:
         return (
@@ -289,8 +304,10 @@ class _InstanceNorm(_ChannelNorm):
     the batch average of the per-instance mean and unbiased variance (``num_batches_tracked`` is
     not advanced, and ``momentum=None`` freezes them), and evaluation uses them.
 
-    Unbatched input (C, *) is accepted. With fully connected features (N, C) there is one value
-    per instance: the output is zero (plus beta) whatever the input.
+    Unbatched input (C, *) is accepted. Normalizing with the input's own statistics (training,
+    or evaluation without running statistics) needs more than one position per instance: one
+    position would always give zero (plus beta), so it raises ValueError, as torch.nn does.
+    An empty batch gives an empty output and leaves the running statistics as they are.
     """
 
     _dims: tuple[int, ...] = ()
@@ -317,9 +334,16 @@ class _InstanceNorm(_ChannelNorm):
         x = input.unsqueeze(0) if unbatched else input
         if x.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels in dimension 1, got shape {tuple(x.shape)}")
-        if self.training or not self.track_running_stats:
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats and math.prod(x.shape[2:]) == 1:
+            raise ValueError(
+                "expected more than 1 spatial element per instance when normalizing with the input's own "
+                f"statistics (training, or track_running_stats=False), got input size {tuple(input.shape)}"
+            )
+        x = _compute(x)
+        if use_input_stats:
             out = normalize(x, "instance", eps=self.eps)
-            if self.training and self.track_running_stats:
+            if self.training and self.track_running_stats and x.numel() > 0:
                 flat = x.detach().reshape(x.shape[0], x.shape[1], -1)
                 mean, var = mean_var(flat, (2,))
                 m = flat.shape[2]
@@ -327,7 +351,7 @@ class _InstanceNorm(_ChannelNorm):
                 self._update(mean.mean((0, 2)), unbiased.mean((0, 2)), 0.0 if self.momentum is None else self.momentum)
         else:
             out = self._eval(x)
-        out = _affine(out, self.weight, self.bias)
+        out = _as_input(_affine(out, self.weight, self.bias), input)
         return out.squeeze(0) if unbatched else out
 
 
@@ -374,8 +398,9 @@ class RMSNorm(nn.Module):
         if tuple(input.shape[-k:]) != self.normalized_shape:
             raise ValueError(f"expected input ending in {self.normalized_shape}, got shape {tuple(input.shape)}")
         eps = torch.finfo(input.dtype).eps if self.eps is None else self.eps
-        out = input * torch.rsqrt(input.pow(2).mean(dim=tuple(range(-k, 0)), keepdim=True) + eps)
-        return out * self.weight if self.weight is not None else out
+        x = _compute(input)
+        out = x * torch.rsqrt(x.pow(2).mean(dim=tuple(range(-k, 0)), keepdim=True) + eps)
+        return _as_input(out * self.weight if self.weight is not None else out, input)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -410,6 +435,9 @@ class BatchRenorm(_ChannelNorm):
         ghost_size: if given, the batch is split into consecutive groups of this many samples and
             each group is normalized with its own statistics (the running averages use their
             average): what each device computes in data-parallel training without synchronization.
+
+    As with ``torch.nn.BatchNorm2d``, an empty batch gives an empty output and leaves the running
+    statistics as they are, though it counts as an update (``num_batches_tracked``).
     """
 
     def __init__(
@@ -453,14 +481,17 @@ class BatchRenorm(_ChannelNorm):
         if input.dim() < 2 or input.shape[1] != self.num_features:
             raise ValueError(f"expected input (N, {self.num_features}, *), got shape {tuple(input.shape)}")
         if not self.training:
-            return _affine(self._eval(input), self.weight, self.bias)
+            return _as_input(_affine(self._eval(_compute(input)), self.weight, self.bias), input)
         n, c = input.shape[:2]
+        if input.numel() == 0:  # as torch.nn.BatchNorm: an empty output, the update counted, no statistics
+            self.num_batches_tracked.add_(1)
+            return _as_input(_affine(_compute(input), self.weight, self.bias), input)
         g = self.ghost_size or n
         if n % g:
             raise ValueError(f"batch size {n} is not a multiple of ghost_size {g}")
         if g * input[0, 0].numel() < 2:
             raise ValueError(f"expected more than 1 value per channel when training, got input size {input.shape}")
-        x = input.reshape(n // g, g, c, -1)  # (groups, samples, C, positions)
+        x = _compute(input).reshape(n // g, g, c, -1)  # (groups, samples, C, positions)
         mean, var = mean_var(x, (1, 3))
         std_b = torch.sqrt(var + self.eps)
         x_hat = (x - mean) / std_b
@@ -474,7 +505,7 @@ class BatchRenorm(_ChannelNorm):
         m = g * x.shape[3]
         self._update(mean.detach().mean((0, 1, 3)), var.detach().mean((0, 1, 3)) * m / max(m - 1, 1), self.momentum)
         self.num_batches_tracked.add_(1)
-        return _affine(x_hat.reshape(input.shape), self.weight, self.bias)
+        return _as_input(_affine(x_hat.reshape(input.shape), self.weight, self.bias), input)
 
     def extra_repr(self) -> str:
         return (

@@ -47,6 +47,8 @@ DIFFERENCES_FROM_TORCH = {
     "torch differentiates twice",
     "zero-variance channel": "bnlib returns beta exactly; torch's CPU kernel folds the mean into the shift and "
     "loses digits (about 1e-4 off at eps = 1e-5)",
+    "empty batch in instance norm": "bnlib returns the empty output and keeps the running statistics; torch raises "
+    "IndexError with affine parameters and overwrites the running statistics with NaN when training",
 }
 
 FLOAT_EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
@@ -753,12 +755,34 @@ def test_norms_half_precision_close_to_float64(name, dtype):
 
 
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's RMSNorm
-@pytest.mark.xfail(strict=True, reason="bnlib.norms: float32 parameters promote a half input's output to float32")
-@pytest.mark.parametrize("name", [n for n in NORM_NAMES if n != "InstanceNorm1d"])
-def test_norms_half_precision_output_dtype_as_torch(name):
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_norms_half_precision_output_dtype_as_torch(name, dtype, training):
+    """float32 parameters do not promote a half input's output: it keeps the input's dtype, as in torch."""
     ours, theirs, shape = _norm_pair(name)
-    x = torch.randn(shape).half()
-    assert ours(x).dtype == theirs(x).dtype == torch.float16
+    ours.train(training), theirs.train(training)
+    x = torch.randn(shape).to(dtype)
+    assert ours(x).dtype == theirs(x).dtype == dtype
+
+
+@pytest.mark.parametrize("name", NORM_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_full_precision_keeps_its_numerics(name, dtype):
+    """The float32/float64 paths compute in the input's dtype, exactly the plain formula (no casts)."""
+    ours, _, shape = _norm_pair(name, dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3 + 1
+    y = ours(x)
+    assert y.dtype == dtype
+    if name in ("LayerNorm", "RMSNorm"):
+        dims = (-2, -1) if name == "LayerNorm" else (-1,)
+        if name == "LayerNorm":
+            mean = x.mean(dims, keepdim=True)
+            plain = (x - mean) * torch.rsqrt((x - mean).pow(2).mean(dims, keepdim=True) + ours.eps)
+            plain = plain * ours.weight + ours.bias
+        else:
+            plain = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + ours.eps) * ours.weight
+        assert torch.equal(y, plain)
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)
@@ -820,33 +844,65 @@ def test_norms_wrong_channels_or_shape_is_a_value_error(name):
         ours(torch.randn(bad))
 
 
-_EMPTY_BUGS = {"GroupNorm", "InstanceNorm1d", "GhostBatchNorm", "BatchRenorm (r=1, d=0)"}
-
-
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(
-            n, marks=pytest.mark.xfail(strict=True, reason="bnlib.norms: an empty batch raises (reshape / modulo by 0)")
-        )
-        if n in _EMPTY_BUGS
-        else n
-        for n in NORM_NAMES
-        if n != "InstanceNorm2d"  # torch itself raises IndexError there
-    ],
+    [n for n in NORM_NAMES if n != "InstanceNorm2d"],  # torch itself raises IndexError there (affine)
 )
-@pytest.mark.filterwarnings("ignore:var_mean.*degrees of freedom")  # bnlib.norms.LayerNorm warns; torch does not
-def test_norms_empty_batch_behaves_as_torch(name):
+@pytest.mark.parametrize("training", [True, False])
+def test_norms_empty_batch_behaves_as_torch(name, training):
+    """An empty output, zero parameter gradients, and the same buffers as torch afterwards."""
     ours, theirs, shape = _norm_pair(name)
-    x = torch.randn(0, *shape[1:])
-    assert ours(x).shape == theirs(x).shape == x.shape
+    for m in (ours, theirs):
+        m.train(training)
+        x = torch.randn(0, *shape[1:], requires_grad=True)
+        y = m(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
 
 
-@pytest.mark.xfail(strict=True, reason="bnlib.norms: instance norm over one position returns zeros; torch raises")
-@pytest.mark.parametrize("cls, shape", [(norms.InstanceNorm1d, (2, 4, 1)), (norms.InstanceNorm2d, (2, 4, 1, 1))])
-def test_norms_instance_norm_over_one_position_is_an_error_as_in_torch(cls, shape):
-    with pytest.raises(ValueError, match="more than 1 spatial element"):
-        cls(4)(torch.randn(shape))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_differs_instance_norm_empty_batch_keeps_running_statistics(training, affine):
+    """torch raises IndexError with affine parameters, and training sets the running statistics to NaN
+    (the mean over no instances); bnlib returns the empty output and leaves them as they are."""
+    ours = norms.InstanceNorm2d(4, affine=affine, track_running_stats=True).train(training)
+    theirs = nn.InstanceNorm2d(4, affine=affine, track_running_stats=True).train(training)
+    x = torch.randn(0, 4, 3, 3)
+    assert ours(x).shape == x.shape
+    _close(ours.running_mean, torch.zeros(4))
+    _close(ours.running_var, torch.ones(4))
+    if affine:
+        with pytest.raises(IndexError):
+            theirs(x)
+    else:
+        theirs(x)
+        assert theirs.running_mean.isnan().all() == training
+
+
+@pytest.mark.parametrize("cls", ["InstanceNorm1d", "InstanceNorm2d"])
+@pytest.mark.parametrize("shape", [(2, 4), (4,), (0, 4)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_norms_instance_norm_over_one_position_is_an_error_as_in_torch(cls, shape, training, track):
+    """Instance statistics over one position would make every output beta: torch raises whenever the input's own
+    statistics are used (training, or eval without running statistics); eval with running statistics is legal."""
+    d = 1 if cls == "InstanceNorm1d" else 2
+    x = torch.randn(*shape, *(1,) * d)
+    ours = getattr(norms, cls)(4, affine=True, track_running_stats=track).train(training)
+    theirs = getattr(nn, cls)(4, affine=True, track_running_stats=track).train(training)
+    if training or not track:
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            theirs(x)
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            ours(x)
+    elif shape[0] == 0:  # torch raises IndexError here (an empty batch with affine parameters, see above)
+        assert ours(x).shape == x.shape
+    else:
+        _close(ours(x), theirs(x))
 
 
 def test_differences_are_listed():
