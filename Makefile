@@ -19,10 +19,10 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build --all -W -n --keep-going .
 	@echo "The book: $(abspath _build/html/index.html)"
 
-## Lint, unit tests, notebooks (nbval, strict) and the built site.
+## Lint, unit tests, notebooks (nbval, strict), the built site and a fresh install (about 1-2 min of it).
 test: book
 	$(PY) -m ruff check bnlib tests scripts
-	$(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
+	BNBOOK_FRESH_INSTALL=1 $(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg --durations=10
 
 ## Build, then check every page in headless chromium and save its screenshot in _build/screenshots.
