@@ -244,6 +244,11 @@ UNFOLDED_SOLUTIONS = """() => Array.from(document.querySelectorAll(".solution"))
   Array.from(s.children).some(c => !c.classList.contains("admonition-title") && c.offsetHeight > 0)
 ).map(s => (s.querySelector(".admonition-title") || s).textContent.trim().slice(0, 80))"""
 
+# Display equations wider than their column are cut off on the page (the theme hides the overflow).
+WIDE_EQUATIONS = """() => Array.from(document.querySelectorAll('mjx-container[display="true"]'))
+  .filter(e => e.scrollWidth > e.parentElement.clientWidth + 2)
+  .map(e => (e.textContent || "").slice(0, 80))"""
+
 NEXT_FRAME = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
@@ -261,6 +266,7 @@ def check_page(v: Visit, path: str) -> list[str]:
     problems += [f"math not typeset: {t!r}" for t in math["untypeset"][:5]]
     problems += [f"TeX error: {t!r}" for t in math["errors"]]
     problems += [f"raw TeX in the text: {t!r}" for t in math["raw"][:5]]
+    problems += [f"display equation wider than the page: {t!r}" for t in page.evaluate(WIDE_EQUATIONS)]
     problems += [f"image did not load: {src}" for src in page.evaluate(LOAD_IMAGES)]
     problems += [f"solution shown unfolded: {t!r}" for t in page.evaluate(UNFOLDED_SOLUTIONS)]
     views = page.evaluate(WIDGET_VIEWS)["views"]
