@@ -18,15 +18,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
 import nbformat
 import pytest
-import yaml
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from book_status import toc_files  # noqa: E402  (the status page reads the same table of contents)
+
 CHAPTER_BUDGET_S, BOOK_BUDGET_S, MEMORY_BUDGET_MB = 60, 240, 2048
 IGNORE_TAGS = {"nbval-ignore-output", "nbval-skip"}
 IGNORE_MARKERS = ("# NBVAL_IGNORE_OUTPUT", "# NBVAL_SKIP")
@@ -40,21 +43,7 @@ pytestmark = pytest.mark.skipif(
 
 def chapters() -> list[str]:
     """The notebooks listed in ``_toc.yml``, in reading order."""
-    toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
-    found: list[str] = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                found.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc)
-    return [f + ".ipynb" for f in found if (ROOT / (f + ".ipynb")).exists()]
+    return [f + ".ipynb" for f in toc_files(ROOT) if (ROOT / (f + ".ipynb")).exists()]
 
 
 def _sanitizers() -> list[tuple[re.Pattern, str]]:
