@@ -404,3 +404,19 @@ def test_every_chapter_ends_with_exercises_and_folded_solutions():
             solution = re.search(r"```\{solution\} *" + re.escape(label) + r"\n((?::[^\n]*\n)*)", text)
             assert solution, f"{chapter}: exercise {label} has no solution"
             assert ":class: dropdown" in solution.group(1), f"{chapter}: the solution of {label} is not folded"
+
+
+def test_chapters_are_stored_with_a_clean_top_to_bottom_run():
+    """nbval compares only cells with a stored execution count, and the site shows what is stored."""
+    import json
+
+    problems = []
+    for nb_path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = json.loads(nb_path.read_text(encoding="utf-8"))["cells"]
+        counts = [c.get("execution_count") for c in cells if c["cell_type"] == "code"]
+        if counts != list(range(1, len(counts) + 1)):
+            problems.append(f"{nb_path.name}: execution counts {counts[:6]}... are not 1..n (run `make refresh`)")
+        errors = [o.get("ename") for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        if errors:
+            problems.append(f"{nb_path.name}: stored error outputs {errors}")
+    assert not problems, "\n".join(problems)
