@@ -159,6 +159,14 @@ def shares_statistics(
     return mask.reshape(shape)
 
 
+def _normalized_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """The trailing shape a layer or RMS norm normalizes over, as a tuple; ValueError if empty or not positive."""
+    shape = (int(shape),) if isinstance(shape, numbers.Integral) else tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"normalized_shape must be non-empty and positive, got {shape}")
+    return shape
+
+
 def _factory(device, dtype) -> dict:
     return {"device": device, "dtype": dtype}
 
@@ -192,11 +200,7 @@ class LayerNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
-        if not self.normalized_shape or any(s < 1 for s in self.normalized_shape):
-            raise ValueError(f"normalized_shape must be non-empty and positive, got {self.normalized_shape}")
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         kw = _factory(device, dtype)
@@ -385,9 +389,7 @@ class RMSNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(normalized_shape, numbers.Integral):
-            normalized_shape = (int(normalized_shape),)
-        self.normalized_shape = tuple(int(s) for s in normalized_shape)
+        self.normalized_shape = _normalized_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         kw = _factory(device, dtype)
