@@ -1,7 +1,14 @@
-"""Tables and rounding for what chapters print, so that stored outputs are stable and readable.
+"""Tables, rounding and glue for what chapters print, so that stored outputs are portable and readable.
 
-A chapter's printed numbers are compared by nbval on every test run, so they are rounded to what
-is stable across runs (:func:`upper_decade` for tiny differences, fixed digits elsewhere).
+The notebook tests re-execute every chapter and compare its outputs with the stored ones, on any
+CPU (and on CUDA). So what a chapter prints is one of two kinds:
+
+- **exact**: deterministic mathematics, printed at a precision that does not depend on the last
+  bit; a quantity at round-off level is printed as a fixed bound (:func:`bound`), which cannot flip;
+- **measured**: a result of training runs, glued with the tolerance it is compared by
+  (:func:`glue` with ``tol=``, or a :class:`~bnlib.seeds.Spread`, whose tolerance is its seed-to-seed
+  range). Cells that print such results are tagged ``bnbook-measured``: their text is for the
+  reader, and the tests compare their glued values within the declared tolerance.
 """
 
 from __future__ import annotations
@@ -10,9 +17,13 @@ import html
 import math
 from collections.abc import Sequence
 
-__all__ = ["GLUE_DIGITS", "Table", "bound", "glue", "upper_decade"]
+from bnlib.seeds import Spread
+
+__all__ = ["GLUE_DIGITS", "TOLERANCE_KEY", "Table", "bound", "glue", "upper_decade"]
 
 GLUE_DIGITS = 6  # significant digits of a glued float
+TOLERANCE_KEY = "bnbook"  # output metadata: {"bnbook": {"tolerance": t}} on a glued measured value
+GLUE_PREFIX = "application/papermill.record/"  # myst-nb's mime prefix for glued (not displayed) values
 
 
 def upper_decade(x: float) -> float:
@@ -29,10 +40,21 @@ def upper_decade(x: float) -> float:
     return 10.0 ** math.ceil(math.log10(x))
 
 
-def bound(x: float) -> str:
-    """Text for a small non-negative quantity: "0" when exactly zero, else "< 1e-06"-style (its upper decade)."""
-    d = upper_decade(x)
-    return "0" if d == 0 else f"< {d:.0e}"
+def bound(x: float, below: float) -> str:
+    """Text for a quantity at round-off level: ``"< 1e-12"`` for ``below=1e-12``, the same on every machine.
+
+    The text depends only on ``below``, never on the last bits of ``x``, so it cannot flip between
+    CPUs; and it is a check: a value at or above ``below`` (or NaN) raises instead of printing.
+
+    >>> bound(3e-16, below=1e-12)
+    '< 1e-12'
+    """
+    if not below > 0:
+        raise ValueError(f"below must be positive, got {below}")
+    x = abs(float(x))
+    if not x < below:  # also catches NaN
+        raise ValueError(f"{x:.3g} is not below {below:.0e}: not at round-off level")
+    return f"< {below:.0e}"
 
 
 class Table:
@@ -67,21 +89,55 @@ class Table:
         return f'<table class="bnlib-table">{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def glue(name: str, value: object, display: bool = False) -> None:
-    """Store ``value`` under ``name`` for the book's text (``{glue:text}`name```) via myst-nb.
-
-    NumPy and torch scalars are stored as plain Python numbers (NumPy 2 would otherwise store
-    ``np.float64(...)``, which the text formats cannot read), and floats are rounded to
-    :data:`GLUE_DIGITS` significant digits: the text shows fewer, and the stored value (which the
-    notebook tests compare) then does not depend on last-bit rounding. Where myst-nb is not
-    installed (Colab, a bare kernel) this does nothing, so chapters run anywhere.
-    """
+def _plain(value: object) -> object:
+    """NumPy and torch scalars as Python numbers; floats rounded to GLUE_DIGITS significant digits."""
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         value = value.item()
     if isinstance(value, float) and math.isfinite(value):
         value = float(f"{value:.{GLUE_DIGITS}g}")
+    return value
+
+
+def glue(name: str, value: object, display: bool = False, tol: float | None = None, resolution: float = 0.0) -> None:
+    """Store ``value`` under ``name`` for the book's text (``{glue:text}`name```) via myst-nb.
+
+    NumPy and torch scalars are stored as plain Python numbers (NumPy 2 would otherwise store
+    ``np.float64(...)``, which the text formats cannot read), and floats are rounded to
+    :data:`GLUE_DIGITS` significant digits. Where myst-nb is not installed (Colab, a bare kernel)
+    this does nothing, so chapters run anywhere.
+
+    Measured values (results of training) carry the tolerance the notebook tests compare them by:
+
+    - ``tol``: an absolute tolerance, declared with the value;
+    - a :class:`~bnlib.seeds.Spread` as ``value``: ``name`` gets the mean, ``name-min`` and
+      ``name-max`` the range, each with tolerance ``max(range, resolution)``, where ``resolution``
+      is the smallest change the measurement can show (the recording interval of a step count,
+      one test example of an accuracy).
+
+    Without a tolerance the value is compared exactly.
+    """
+    if isinstance(value, Spread):
+        if tol is not None:
+            raise ValueError("a Spread carries its own tolerance (its range); pass resolution= to widen it")
+        width = max(value.range, float(resolution))
+        for key, part in ((name, value.mean), (f"{name}-min", value.min), (f"{name}-max", value.max)):
+            glue(key, part, tol=width)
+        return
+    if tol is not None and not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be finite and non-negative, got {tol}")
+    value = _plain(value)
     try:
+        import IPython
         from myst_nb import glue as myst_glue
     except ImportError:
         return
-    myst_glue(name, value, display=display)
+    if tol is None or display:
+        if tol is not None:
+            raise ValueError("a displayed glue cannot carry a tolerance")
+        myst_glue(name, value, display=display)
+        return
+    # myst-nb's glue record, with the tolerance beside it in the output's metadata.
+    bundle, metadata = IPython.core.formatters.format_display_data(value)
+    metadata["scrapbook"] = {"name": name, "mime_prefix": GLUE_PREFIX}
+    metadata[TOLERANCE_KEY] = {"tolerance": float(tol)}
+    IPython.display.display({GLUE_PREFIX + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
