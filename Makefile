@@ -5,7 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
-.PHONY: book test lint unit notebooks site-test screenshots refresh lock vendor clean
+.PHONY: book test lint unit notebooks site-test screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
+
+# Notebook tests: nbval re-executes every chapter and compares its outputs (tests/portable_outputs.py:
+# exact for mathematics, within declared tolerances for results of training), one notebook per worker.
+NBVAL := $(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
+	--nbval-sanitize-with tests/nbval_sanitize.cfg -n 2 --dist loadfile -q
+
+# Two other CPUs, simulated: torch's AVX2 and baseline kernels, other OpenBLAS cores, NumPy without
+# AVX-512 (and without AVX2). The same stored outputs must pass on each.
+CPU_AVX2 := ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Sandybridge NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"
+CPU_BASELINE := ATEN_CPU_CAPABILITY=default OPENBLAS_CORETYPE=Prescott \
+	NPY_DISABLE_CPU_FEATURES="X86_V3 X86_V4 AVX512_ICL AVX512_SPR"
 
 # Create the virtual environment and install the pinned dependencies and bnlib (editable).
 $(STAMP): requirements.txt requirements-dev.txt requirements-lock.txt pyproject.toml
@@ -19,11 +30,27 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build --all -W -n --keep-going .
 	@echo "The book: $(abspath _build/html/index.html)"
 
-## Lint, unit tests, notebooks (nbval, strict), the built site and a fresh install (about 1-2 min of it).
+## Lint, unit tests, notebooks (nbval, portable comparison), the built site, a fresh install, then the
+## notebooks again on two simulated other CPUs and the planted-bug check.
 test: book
-	$(PY) -m ruff check bnlib tests scripts
-	BNBOOK_FRESH_INSTALL=1 $(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
-		--nbval-sanitize-with tests/nbval_sanitize.cfg --durations=10
+	$(PY) -m ruff check bnlib tests scripts conftest.py
+	BNBOOK_FRESH_INSTALL=1 $(NBVAL) --durations=10
+	$(MAKE) --no-print-directory notebooks-other-cpus planted-bugs
+
+## Only the notebook tests, on this CPU (NB=book/chapter.ipynb for one).
+notebooks: $(STAMP)
+	$(NBVAL) $(or $(NB),book)
+
+## The notebook tests under two simulated other CPUs (NB=book/chapter.ipynb for one).
+notebooks-other-cpus: $(STAMP)
+	@echo "notebooks on a simulated AVX2 CPU"
+	$(CPU_AVX2) $(NBVAL) $(or $(NB),book)
+	@echo "notebooks on a simulated baseline (SSE) CPU"
+	$(CPU_BASELINE) $(NBVAL) $(or $(NB),book)
+
+## Plant known bugs in a copy of the library and require the tests to catch each one.
+planted-bugs: $(STAMP)
+	$(PY) scripts/planted_bugs.py
 
 ## Build, then check every page in headless chromium and save its screenshot in _build/screenshots.
 screenshots: book
