@@ -23,12 +23,25 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-__all__ = ["QUICK_SEEDS", "FULL_SEEDS", "SeedRuns", "Spread", "default_seeds", "over_seeds"]
+__all__ = ["QUICK_SEEDS", "FULL_SEEDS", "SeedRuns", "Spread", "default_seeds", "over_seeds", "seeds_used"]
 
 T = TypeVar("T")
 
 QUICK_SEEDS = 3  # seeds per training claim at the quick (default) scale
 FULL_SEEDS = 5  # and at the full scale (BNBOOK_SCALE=full)
+
+_runs_in_this_process: list[tuple[int, ...]] = []  # the seeds of every over_seeds call, for the status page
+
+
+def seeds_used() -> dict:
+    """What :func:`over_seeds` ran in this process: how many experiments, on which seeds, the fewest in one.
+
+    The book's execution script asks a chapter's kernel for this after a run and shows it on the
+    status page.
+    """
+    seeds = sorted({seed for run in _runs_in_this_process for seed in run})
+    fewest = min((len(run) for run in _runs_in_this_process), default=0)
+    return {"experiments": len(_runs_in_this_process), "seeds": seeds, "fewest_seeds": fewest}
 
 
 def default_seeds(quick: int = QUICK_SEEDS, full: int = FULL_SEEDS) -> list[int]:
@@ -151,4 +164,6 @@ def over_seeds(experiment: Callable[[int], T], seeds: Sequence[int] | None = Non
         raise ValueError("need at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds}")
-    return SeedRuns(tuple(seeds), tuple(experiment(seed) for seed in seeds))
+    runs = SeedRuns(tuple(seeds), tuple(experiment(seed) for seed in seeds))
+    _runs_in_this_process.append(runs.seeds)
+    return runs

@@ -96,23 +96,35 @@ def build_markdown(root: Path) -> list[str]:
     return [f"This build was made on **{build_date()}** with Python {platform.python_version()}, {tools}."]
 
 
+def seeds_text(seeds: dict | None) -> str | None:
+    """"3 experiments on seeds 0, 1, 2 (at least 3 each)", or "no training experiments"."""
+    if seeds is None:
+        return None
+    if not seeds.get("experiments"):
+        return "no training experiments"
+    listed = ", ".join(str(s) for s in seeds["seeds"])
+    return f"{seeds['experiments']} experiments on seeds {listed} (at least {seeds['fewest_seeds']} each)"
+
+
 def chapters_markdown(root: Path) -> list[str]:
     rows = execution_records(root)
     lines = [
         "Every chapter is stored with the outputs of a clean top-to-bottom run in a fresh kernel "
         "(`make refresh`), and the site shows those outputs. The table gives what that run measured: "
         "wall-clock time, the slowest cell (numbered from 0, markdown cells included), the kernel's peak "
-        "resident memory, and the device it computed on.",
+        "resident memory, the device it computed on, and the seeds its training experiments ran on "
+        "(`bnlib.seeds.over_seeds`: how many experiments, which seeds, the fewest seeds behind one "
+        "experiment).",
         "",
-        "| chapter | execution time (s) | slowest cell (s) | peak memory (MB) | device | scale | executed |",
-        "|---|---:|---:|---:|---|---|---|",
+        "| chapter | execution time (s) | slowest cell (s) | peak memory (MB) | device | scale | seeds | executed |",
+        "|---|---:|---:|---:|---|---|---|---|",
     ]
     total, missing = 0.0, []
     for docname, title, record in rows:
         link = f"{{doc}}`{title} </{docname}>`"
         if record is None:
             missing.append(title)
-            lines.append(f"| {link} | not recorded | | | | | |")
+            lines.append(f"| {link} | not recorded | | | | | | |")
             continue
         total += record.get("seconds", 0.0)
         slow = record.get("slowest_cell") or {}
@@ -123,9 +135,9 @@ def chapters_markdown(root: Path) -> list[str]:
         lines.append(
             f"| {link} | {record.get('seconds', 0.0):.1f} | {_cell(slow_text)} "
             f"| {_cell(record.get('peak_memory_mb'))} | {_cell(device)} | {_cell(record.get('scale'))} "
-            f"| {_cell(record.get('date'))} |"
+            f"| {_cell(seeds_text(record.get('seeds')))} | {_cell(record.get('date'))} |"
         )
-    lines.append(f"| **all chapters** | **{total:.1f}** | | | | | |")
+    lines.append(f"| **all chapters** | **{total:.1f}** | | | | | | |")
     lines.append("")
     recorded = [(title, record) for _, title, record in rows if record is not None]
     if recorded:

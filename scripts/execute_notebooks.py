@@ -75,6 +75,18 @@ def _peak_rss_mb(pid: int | None) -> float | None:
     return None
 
 
+SEEDS_PROBE = """import json, sys
+_seeds = sys.modules.get("bnlib.seeds")
+print(json.dumps(_seeds.seeds_used() if _seeds else {"experiments": 0, "seeds": [], "fewest_seeds": 0}))"""
+
+
+def _probe_result(cell) -> dict | None:
+    for output in cell.get("outputs", []):
+        if output.get("output_type") == "stream" and output.get("name") == "stdout":
+            return json.loads(output["text"].strip().splitlines()[-1])
+    return None
+
+
 def execute(path: Path, timeout: int = 600, env: dict | None = None) -> float:
     """Execute ``path`` in place; return the seconds it took and record them in its metadata."""
     nb = nbformat.read(path, as_version=4)
@@ -92,6 +104,9 @@ def execute(path: Path, timeout: int = 600, env: dict | None = None) -> float:
         if rss is not None:
             peak.append(rss)
 
+    # One extra cell, removed again before saving: what bnlib.seeds.over_seeds ran in this kernel.
+    probe = nbformat.v4.new_code_cell(SEEDS_PROBE)
+    nb.cells.append(probe)
     client = NotebookClient(
         nb,
         timeout=timeout,
@@ -105,11 +120,14 @@ def execute(path: Path, timeout: int = 600, env: dict | None = None) -> float:
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
+    nb.cells.pop()
+    cells.pop(len(nb.cells), None)
     slowest = max(cells, key=cells.get) if cells else None
     record = {
         "seconds": round(elapsed, 2),
         "slowest_cell": None if slowest is None else {"index": slowest, "seconds": round(cells[slowest], 2)},
         "peak_memory_mb": round(max(peak), 1) if peak else None,
+        "seeds": _probe_result(probe),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         **(env if env is not None else environment()),
     }

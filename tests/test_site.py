@@ -361,7 +361,11 @@ def test_execution_records_feed_the_status_page(tmp_path):
     execute_notebooks, book_status = load("execute_notebooks"), load("book_status")
     (tmp_path / "book").mkdir()
     nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_markdown_cell("# A chapter"), nbformat.v4.new_code_cell("x = sum(range(10))\nx")]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell("# A chapter"),
+        nbformat.v4.new_code_cell("x = sum(range(10))\nx"),
+        nbformat.v4.new_code_cell("from bnlib.seeds import over_seeds\nruns = over_seeds(lambda s: s)\n_ = over_seeds(lambda s: s, [4, 5])"),
+    ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "book" / "chapter.ipynb")
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/chapter\n")
@@ -370,13 +374,17 @@ def test_execution_records_feed_the_status_page(tmp_path):
     record = json.loads((tmp_path / "book" / "chapter.ipynb").read_text())["metadata"]["bnbook"]["execution"]
     assert record["seconds"] == pytest.approx(seconds, abs=0.01)
     assert record["device"] in ("cpu", "cuda") and record["versions"]["torch"] and record["date"]
-    assert record["slowest_cell"]["index"] == 1
+    assert record["slowest_cell"]["index"] in (1, 2)
+    assert record["seeds"] == {"experiments": 2, "seeds": [0, 1, 2, 4, 5], "fewest_seeds": 2}
+    stored = json.loads((tmp_path / "book" / "chapter.ipynb").read_text())
+    assert len(stored["cells"]) == 3, "the seeds probe is not stored in the notebook"
     assert [(name, title) for name, title, _ in book_status.execution_records(tmp_path)] == [
         ("book/chapter", "A chapter")
     ]
     table = "\n".join(book_status.chapters_markdown(tmp_path))
     assert f"| {{doc}}`A chapter </book/chapter>` | {record['seconds']:.1f} |" in table
     assert "Every recorded chapter is within it." in table
+    assert "| 2 experiments on seeds 0, 1, 2, 4, 5 (at least 2 each) |" in table
 
 
 # --------------------------------------------------------------------------------------------------
