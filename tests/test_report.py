@@ -63,7 +63,10 @@ class _Display:
         import IPython.display
 
         self.records = []
-        monkeypatch.setattr(IPython.display, "display", lambda data, raw, metadata: self.records.append((data, metadata)))
+        def display(data, raw, metadata):
+            self.records.append((data, metadata))
+
+        monkeypatch.setattr(IPython.display, "display", display)
 
     def by_name(self) -> dict:
         return {m["scrapbook"]["name"]: (d, m) for d, m in self.records}

@@ -364,7 +364,9 @@ def test_execution_records_feed_the_status_page(tmp_path):
     nb.cells = [
         nbformat.v4.new_markdown_cell("# A chapter"),
         nbformat.v4.new_code_cell("x = sum(range(10))\nx"),
-        nbformat.v4.new_code_cell("from bnlib.seeds import over_seeds\nruns = over_seeds(lambda s: s)\n_ = over_seeds(lambda s: s, [4, 5])"),
+        nbformat.v4.new_code_cell(
+            "from bnlib.seeds import over_seeds\nruns = over_seeds(lambda s: s)\n_ = over_seeds(lambda s: s, [4, 5])"
+        ),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "book" / "chapter.ipynb")
