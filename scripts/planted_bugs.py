@@ -5,7 +5,8 @@ Usage: python scripts/planted_bugs.py [--list] [NAME ...]   (default: every bug)
 Each bug is one textual change to bnlib in a temporary copy of the repository. For each bug, the
 unit tests and the notebook tests (nbval, with the portable comparison) run on the copy, stopping
 at the first failure, and BOTH must fail: a suite that lets a planted bug through has a check that
-cannot fail, or a tolerance that is too loose. Exits non-zero when a bug goes uncaught, or when a
+cannot fail, or a tolerance that is too loose. A control run (nothing planted) must pass the same
+tests, so that a failure is the bug's doing and not the copy's. Exits non-zero when a bug goes uncaught, or when a
 bug can no longer be planted because the code it targets changed (update the bug, do not drop it).
 """
 
@@ -117,7 +118,13 @@ def checkout_copy(target: Path) -> None:
             shutil.copy2(source, target / name)
 
 
+# The control: the same copy and the same tests with nothing planted must pass, or "caught" means nothing.
+CONTROL = Bug("control", "nothing planted: the same tests must pass", "", "", "", ())
+
+
 def plant(copy: Path, bug: Bug) -> None:
+    if bug is CONTROL:
+        return
     path = copy / bug.path
     text = path.read_text()
     if text.count(bug.old) != 1:
@@ -138,6 +145,8 @@ def fails(copy: Path, args: list[str]) -> tuple[bool, float, str]:
 
 
 def check(bug: Bug) -> tuple[Bug, bool, str]:
+    """Plant ``bug`` in a fresh copy and run the tests; True when they catch it (for the control: pass)."""
+    notebooks = sorted({n for b in BUGS for n in b.notebooks}) if bug is CONTROL else list(bug.notebooks)
     with tempfile.TemporaryDirectory(prefix=f"planted-{bug.name}-") as tmp:
         copy = Path(tmp)
         checkout_copy(copy)
@@ -146,12 +155,17 @@ def check(bug: Bug) -> tuple[Bug, bool, str]:
         subprocess.run([sys.executable, "-c", probe], cwd=copy, check=True, env={**os.environ, "PYTHONPATH": str(copy)})
         unit, unit_s, unit_out = fails(copy, UNIT_TESTS)
         nbval = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg"]
-        book, book_s, book_out = fails(copy, [*nbval, *bug.notebooks])
-    caught = unit and book
+        book, book_s, book_out = fails(copy, [*nbval, *notebooks])
+    if bug is CONTROL:
+        caught = not unit and not book
+        verdict = "clean" if caught else "BROKEN"
+    else:
+        caught = unit and book
+        verdict = "caught" if caught else "MISSED"
     report = (
-        f"{'caught' if caught else 'MISSED'}  {bug.name}: {bug.what}\n"
+        f"{verdict}  {bug.name}: {bug.what}\n"
         f"    unit tests: {'fail' if unit else 'PASS'} in {unit_s:.0f} s ({unit_out})\n"
-        f"    notebooks {', '.join(Path(n).stem for n in bug.notebooks)}: {'fail' if book else 'PASS'} "
+        f"    notebooks {', '.join(Path(n).stem for n in notebooks)}: {'fail' if book else 'PASS'} "
         f"in {book_s:.0f} s ({book_out})"
     )
     return bug, caught, report
@@ -173,9 +187,13 @@ def main() -> int:
     chosen = [b for b in BUGS if not args.names or b.name in args.names]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(check, chosen))
+        results = list(pool.map(check, [CONTROL, *chosen]))
     for _, _, report in results:
         print(report)
+    if not results[0][1]:
+        print("the tests fail on the copy with nothing planted: fix that first")
+        return 1
+    results = results[1:]
     missed = [bug.name for bug, caught, _ in results if not caught]
     print(f"{len(chosen) - len(missed)} of {len(chosen)} planted bugs caught in {time.perf_counter() - start:.0f} s")
     return 1 if missed else 0
