@@ -154,8 +154,10 @@ class SyncBatchNorm(_BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.process_group = process_group
 
     def _world_size(self) -> int:
@@ -185,9 +187,14 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every batch-norm layer (bnlib's or torch.nn's) in ``module`` by a SyncBatchNorm with
-        the same parameters and buffers, as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does."""
+        """Replace every batch-norm layer (bnlib's or torch.nn's) in ``module`` by a SyncBatchNorm, as
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does.
+
+        The new layer takes over the old one's Parameter and buffer objects themselves (not copies),
+        so an optimizer built before the conversion keeps training the converted model.
+        """
         if isinstance(module, (_BatchNorm, nn.modules.batchnorm._BatchNorm)) and not isinstance(module, cls):
+            ref = _any_tensor(module)
             sync = cls(
                 module.num_features,
                 module.eps,
@@ -195,10 +202,14 @@ class SyncBatchNorm(_BatchNorm):
                 module.affine,
                 module.track_running_stats,
                 process_group,
-                device=ref.device if (ref := _any_tensor(module)) is not None else None,
+                device=ref.device if ref is not None else None,
                 dtype=ref.dtype if ref is not None else None,
+                bias=module.bias is not None,
             )
-            sync.load_state_dict(module.state_dict())
+            for name, param in module.named_parameters(recurse=False):
+                setattr(sync, name, param)
+            for name, buffer in module.named_buffers(recurse=False):
+                setattr(sync, name, buffer)
             sync.train(module.training)
             return sync
         for name, child in module.named_children():

@@ -1,7 +1,9 @@
-"""``BatchNorm1d`` and ``BatchNorm2d``: drop-in replacements for torch.nn's, built on bnlib.functional.
+"""``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``: drop-in replacements for torch.nn's, built on
+bnlib.functional.
 
 Same constructor arguments, parameter and buffer names, train/eval behaviour and state_dict
-layout as ``torch.nn.BatchNorm1d/2d``, so either loads the other's state_dict.
+layout as ``torch.nn.BatchNorm1d/2d/3d``, so either loads the other's state_dict, including
+state_dicts saved before ``num_batches_tracked`` existed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 from bnlib import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d"]  # _NormBase is shared with bnlib.norms and bnlib.distributed
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]  # _NormBase is shared with bnlib.norms and bnlib.distributed
 
 
 class _NormBase(nn.Module):
@@ -20,6 +22,9 @@ class _NormBase(nn.Module):
     bnlib that normalizes per channel (batch norm here, instance norm and batch renorm in
     :mod:`bnlib.norms`, synchronized batch norm in :mod:`bnlib.distributed`).
     """
+
+    # state_dict format: version 2 added num_batches_tracked (as in torch.nn)
+    _version = 2
 
     def __init__(
         self,
@@ -78,6 +83,17 @@ class _NormBase(nn.Module):
         if self.use_bias:
             nn.init.zeros_(self.bias)
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # A state_dict saved before version 2 has no num_batches_tracked: count from zero, as torch does.
+        key = prefix + "num_batches_tracked"
+        if local_metadata.get("version", 1) < 2 and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
@@ -102,11 +118,14 @@ class _BatchNorm(_NormBase):
             (simple) average over all batches seen. Default: 0.1.
         affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
         track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
-            without them batch statistics are used in eval mode too. Default: True.
+            without them batch statistics are used in eval mode too. Setting the flag to False on a
+            layer that has the buffers (after training) stops their updates in training mode; eval
+            mode still normalizes with them, as in torch. Default: True.
         bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
     """
 
     _expected_dims: tuple[int, ...] = ()
+
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() not in self._expected_dims:
@@ -121,8 +140,9 @@ class _BatchNorm(_NormBase):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
-        # without running statistics, eval mode normalizes with the batch's own statistics
-        use_batch_stats = self.training or not self.track_running_stats
+        # As torch.nn decides: eval mode uses the running statistics whenever the buffers exist (the
+        # flag only stops their updates); training mode updates them only when the flag is set.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         return F.batch_norm(
             input,
@@ -154,3 +174,13 @@ class BatchNorm2d(_BatchNorm):
     """
 
     _expected_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over (N, C, D, H, W) input, per channel over N*D*H*W values; see :class:`_BatchNorm`.
+
+    Shape:
+        Input: (N, C, D, H, W). Output: same shape as the input.
+    """
+
+    _expected_dims = (5,)
