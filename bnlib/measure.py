@@ -21,6 +21,7 @@ __all__ = [
     "layer_inputs",
     "percentiles",
     "sigmoid_saturation",
+    "dead_and_linear",
     "grad_norms",
     "flat_grad",
     "batch_companion_outputs",
@@ -121,6 +122,29 @@ def sigmoid_saturation(z: Tensor, margin: float = 0.05, dim: int | None = None) 
     threshold = math.log((1 - margin) / margin)
     sat = (z.abs() > threshold).float()
     return sat.mean() if dim is None else sat.mean(dim=dim)
+
+
+def dead_and_linear(
+    model: nn.Module,
+    x: Tensor,
+    kind: type[nn.Module] | tuple[type[nn.Module], ...] = nn.ReLU,
+    train: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per ``kind`` layer (ReLU by default): the fraction of its units that are dead and that are linear on ``x``.
+
+    A unit is *dead* on ``x`` when its input is <= 0 for every example (a ReLU then outputs 0 and
+    passes back a gradient of exactly 0), and *linear* when its input is > 0 for every example
+    (the ReLU passes everything through unchanged). Inputs are taken as :func:`layer_inputs` takes
+    them, with batch statistics by default (``train=True``: ``x`` is normalized as one batch, the
+    running statistics are left untouched); an input of more than two dimensions is flattened per
+    example, so that every position counts as a unit. Returns ``(dead, linear)``, two 1-D tensors
+    with one fraction per layer, in forward order.
+    """
+    zs = [z.reshape(len(z), -1) for z in layer_inputs(model, x, kind=kind, train=train)]
+    positive = [(z > 0).sum(dim=0) for z in zs]  # per unit: on how many examples the input is positive
+    dead = torch.stack([(p == 0).float().mean() for p in positive])
+    linear = torch.stack([(p == len(z)).float().mean() for p, z in zip(positive, zs)])
+    return dead, linear
 
 
 def _gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, params: list[Tensor]) -> tuple[Tensor, ...]:

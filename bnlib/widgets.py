@@ -6,6 +6,8 @@ browser* (``jslink``) to a ``Stack`` of images. When the notebook is executed, t
 (with the images) is stored in the notebook and embedded in the page, so scrubbing works offline.
 
 - :func:`frame_slider`: a slider over pre-rendered figures.
+- :func:`stack_pngs`: some of those frames one above the other, as one static image (for pages
+  and printouts without the widget), without drawing them again.
 - :func:`plot_layer_distributions`: one row of per-layer histograms, plain vs BN, the frame the
   covariate-shift chapter scrubs through (also used for its static figure).
 """
@@ -19,7 +21,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-__all__ = ["figure_png", "frame_slider", "plot_layer_distributions"]
+__all__ = ["figure_png", "frame_slider", "plot_layer_distributions", "stack_pngs"]
 
 
 def figure_png(fig: Figure, dpi: int = 60) -> bytes:
@@ -45,6 +47,28 @@ def frame_slider(frames: Sequence[bytes], labels: Sequence[str], description: st
     slider = w.SelectionSlider(options=list(labels), index=value, description=description, continuous_update=True)
     w.jslink((slider, "index"), (stack, "selected_index"))
     return w.VBox([slider, stack])
+
+
+def stack_pngs(frames: Sequence[bytes]) -> bytes:
+    """PNG frames (e.g. those of :func:`frame_slider`) one above the other, as one PNG.
+
+    Frames narrower than the widest are padded on the right with white. Returns PNG bytes, for
+    ``IPython.display.Image(data=...)``.
+    """
+    from PIL import Image
+
+    if not frames:
+        raise ValueError("need at least one frame")
+    images = [Image.open(io.BytesIO(png)).convert("RGBA") for png in frames]
+    width = max(im.width for im in images)
+    out = Image.new("RGBA", (width, sum(im.height for im in images)), (255, 255, 255, 255))
+    top = 0
+    for im in images:
+        out.paste(im, (0, top))
+        top += im.height
+    buf = io.BytesIO()
+    out.save(buf, format="png")
+    return buf.getvalue()
 
 
 def plot_layer_distributions(

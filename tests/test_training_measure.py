@@ -183,3 +183,36 @@ def test_batch_companion_outputs_vary_with_bn_only():
     assert torch.equal(bn[1].running_mean, before) and bn.training
     with pytest.raises(ValueError, match="draws"):
         measure.batch_companion_outputs(bn, x, companions, draws=0, batch_size=16, generator=g)
+
+
+def test_dead_and_linear_counts_units_by_the_sign_of_their_inputs():
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    with torch.no_grad():
+        # layer 1: unit 0 always positive, unit 1 never, units 2 and 3 follow the sign of x[:, 0]
+        net[0].weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]))
+        net[0].bias.copy_(torch.tensor([1.0, -1.0, 0.0, 0.0]))
+        net[2].weight.zero_()
+        net[2].bias.copy_(torch.tensor([-2.0, 3.0]))  # layer 2: one dead unit, one linear unit
+    x = torch.tensor([[1.0, 5.0], [-1.0, 5.0], [2.0, -3.0]])
+    dead, linear = measure.dead_and_linear(net, x)
+    torch.testing.assert_close(dead, torch.tensor([0.25, 0.5]))
+    torch.testing.assert_close(linear, torch.tensor([0.25, 0.5]))
+    # with one example every unit is either dead or linear
+    dead1, linear1 = measure.dead_and_linear(net, x[:1])
+    torch.testing.assert_close(dead1 + linear1, torch.ones(2))
+
+
+def test_dead_and_linear_with_bn_uses_batch_statistics_and_leaves_the_model_alone():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 6, generator=g) + 1.0  # all inputs positive and large: plain ReLU units die or go linear
+    plain = models.mlp([6, 16, 16, 3], "relu", None, init_std=1.0, generator=torch.Generator().manual_seed(1))
+    bn = models.mlp([6, 16, 16, 3], "relu", bnlib.BatchNorm1d, init_std=1.0, generator=torch.Generator().manual_seed(1))
+    bn.eval()
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    dead, linear = measure.dead_and_linear(plain, x)
+    assert dead.shape == linear.shape == (2,) and float((dead + linear).min()) > 0
+    dead_bn, linear_bn = measure.dead_and_linear(bn, x)  # centred on the batch: every unit sees both signs
+    assert float(dead_bn.max()) == 0 and float(linear_bn.max()) == 0
+    assert not bn.training and all(torch.equal(v, bn.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="no submodule"):
+        measure.dead_and_linear(nn.Sequential(nn.Linear(6, 3)), x)

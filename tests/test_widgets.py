@@ -42,3 +42,23 @@ def test_plot_layer_distributions_draws_one_outline_per_network():
     with pytest.raises(ValueError, match="layers"):
         widgets.plot_layer_distributions(axes[:2], samples, {"a": "red", "b": "blue"})
     plt.close(fig)
+
+
+def test_stack_pngs_puts_frames_one_above_the_other():
+    from io import BytesIO
+
+    from PIL import Image
+
+    def frame(width, height, colour):
+        buf = BytesIO()
+        Image.new("RGB", (width, height), colour).save(buf, format="png")
+        return buf.getvalue()
+
+    stacked = Image.open(BytesIO(widgets.stack_pngs([frame(4, 2, "red"), frame(3, 5, "blue"), _png()])))
+    last = Image.open(BytesIO(_png()))
+    assert stacked.size == (max(4, last.width), 2 + 5 + last.height)
+    pixels = stacked.convert("RGB")
+    assert pixels.getpixel((0, 0)) == (255, 0, 0) and pixels.getpixel((0, 2)) == (0, 0, 255)
+    assert pixels.getpixel((3, 2)) == (255, 255, 255)  # the narrower second frame is padded with white
+    with pytest.raises(ValueError, match="at least one"):
+        widgets.stack_pngs([])
