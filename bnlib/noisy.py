@@ -153,24 +153,24 @@ class LpBatchNorm(nn.Module):
             raise ValueError(f"expected input of shape (N, {self.num_features}, ...), got {tuple(input.shape)}")
         shape = (1, self.num_features) + (1,) * (input.dim() - 2)
         if self.training:
-            flat = input.transpose(0, 1).reshape(self.num_features, -1)
-            if flat.shape[1] < 2:
+            dims = [0, *range(2, input.dim())]  # every axis but the channel's
+            if input.numel() // self.num_features < 2:
                 raise ValueError(f"expected more than 1 value per channel when training, got input size {input.shape}")
-            mean = flat.mean(1)
-            dev = (flat - mean[:, None]).abs()
+            mean = input.mean(dims, keepdim=True)
+            centred = input - mean
             if self.p == math.inf:
-                scale = dev.amax(1)
+                scale = centred.abs().amax(dims, keepdim=True)
             elif self.p == 1:
-                scale = dev.mean(1)
+                scale = centred.abs().mean(dims, keepdim=True)
             else:
-                scale = dev.pow(2).mean(1).sqrt()
+                scale = centred.pow(2).mean(dims, keepdim=True).sqrt()
             with torch.no_grad():
-                self.running_mean.lerp_(mean.detach(), self.momentum)
-                self.running_scale.lerp_(scale.detach(), self.momentum)
+                self.running_mean.lerp_(mean.detach().view(-1), self.momentum)
+                self.running_scale.lerp_(scale.detach().view(-1), self.momentum)
         else:
-            mean, scale = self.running_mean, self.running_scale
-        x_hat = (input - mean.view(shape)) / (scale.view(shape) + self.eps)
-        return x_hat * self.weight.view(shape) + self.bias.view(shape)
+            centred, scale = input - self.running_mean.view(shape), self.running_scale.view(shape)
+        x_hat = centred / (scale + self.eps)
+        return torch.addcmul(self.bias.view(shape), x_hat, self.weight.view(shape))
 
     def extra_repr(self) -> str:
         p = "inf" if self.p == math.inf else int(self.p)

@@ -91,3 +91,22 @@ def test_lp_batch_norm_trains_in_a_network_and_rejects_bad_input():
         noisy.LpBatchNorm(3)(torch.randn(4, 2))
     with pytest.raises(ValueError, match="more than 1 value"):
         noisy.LpBatchNorm(3)(torch.randn(1, 3))
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_batch_norm_on_feature_maps_uses_every_position_of_a_channel(p):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 3, 4, 5, generator=g, dtype=torch.float64) * 2 - 1
+    layer = noisy.LpBatchNorm(3, p=p, eps=0.0).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        layer.bias.copy_(torch.tensor([-1.0, 0.0, 1.0]))
+    flat = x.transpose(0, 1).reshape(3, -1)  # one row per channel: N * H * W values
+    dev = (flat - flat.mean(1, keepdim=True)).abs()
+    scale = {1: dev.mean(1), 2: dev.pow(2).mean(1).sqrt(), math.inf: dev.amax(1)}[p]
+    c = lambda v: v.view(1, 3, 1, 1)  # noqa: E731  (per channel)
+    expected = (x - c(flat.mean(1))) / c(scale) * c(layer.weight) + c(layer.bias)
+    torch.testing.assert_close(layer(x), expected.detach())
+    torch.testing.assert_close(layer.running_scale, 0.9 + 0.1 * scale)
+    xr = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: layer(t), (xr,))
