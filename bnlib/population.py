@@ -10,7 +10,7 @@ r"""Population statistics for inference: running averages, their conventions, an
   ("PreciseBN", Wu & Johnson 2021) over a chosen number of training samples.
 - Helpers for the train/inference pitfalls: :func:`batch_norm_layers`, :func:`freeze_batch_norm`
   and :func:`evaluate_with_batch_statistics` (training-mode normalization over groups of a chosen
-  size, the *normalization* batch size, without touching the running statistics).
+  size, the *normalization* batch size, in one pass and without touching the running statistics).
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
+from bnlib.functional import batch_norm as bnlib_batch_norm
 from bnlib.fusion import is_batch_norm
+from bnlib.modules import _BatchNorm
 
 __all__ = [
     "CONVENTIONS",
@@ -167,17 +170,44 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _group_statistics_forward(bn: nn.Module, size: int):
+    """A forward for ``bn`` that normalizes every consecutive group of ``size`` examples by its own
+    statistics, as in training, in one pass, and leaves the running statistics alone.
+
+    The groups are moved into the channel dimension, (N, C, *) -> (size, N/size * C, positions), and
+    normalized by the layer's own functional form (bnlib's for bnlib's layers, torch's for torch's)
+    in training mode without running buffers, with gamma and beta repeated for every group.
+    """
+    norm = bnlib_batch_norm if isinstance(bn, _BatchNorm) else F.batch_norm
+
+    def forward(x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        groups = n // size
+        z = x.reshape(groups, size, c, -1).transpose(0, 1).reshape(size, groups * c, -1)
+        weight = None if bn.weight is None else bn.weight.repeat(groups)
+        bias = None if bn.bias is None else bn.bias.repeat(groups)
+        y = norm(z, None, None, weight, bias, training=True, eps=bn.eps)
+        return y.reshape(size, groups, c, -1).transpose(0, 1).reshape(x.shape)
+
+    return forward
+
+
 @torch.no_grad()
 def evaluate_with_batch_statistics(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """Outputs of ``model`` on ``x`` with every BN layer normalizing by the statistics of consecutive
     groups of ``batch_size`` examples (training-mode normalization), without touching the model's
-    running statistics. Returns the concatenated outputs.
+    running statistics. Every other module runs in eval mode.
+
+    The result is what feeding the groups one at a time through a copy of the model with its BN
+    layers in training mode gives (up to round-off), computed in a single pass. ``batch_size=1``
+    normalizes every example by its own statistics, which a BN layer can do only where it sees more
+    than one value per channel (a convolutional feature map); otherwise, as in training, it raises.
     """
-    if batch_size < 2:
-        raise ValueError(f"batch statistics need at least 2 examples per batch, got batch_size={batch_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if len(x) % batch_size:
         raise ValueError(f"len(x)={len(x)} is not a multiple of batch_size={batch_size}")
     probe = copy.deepcopy(model).eval()
     for bn in batch_norm_layers(probe):
-        bn.train()
-    return torch.cat([probe(chunk) for chunk in x.split(batch_size)])
+        bn.forward = _group_statistics_forward(bn, batch_size)
+    return probe(x)

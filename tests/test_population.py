@@ -1,5 +1,6 @@
 """bnlib.population: momentum conventions, PreciseBN (Algorithm 2), freezing, batch-statistics evaluation."""
 
+import copy
 import math
 
 import pytest
@@ -117,18 +118,42 @@ def test_freeze_batch_norm():
     assert all(bn.training for bn in bns)
 
 
-def test_evaluate_with_batch_statistics():
-    net = _cnn().eval()
+@pytest.mark.parametrize("norm", [bnlib.BatchNorm2d, nn.BatchNorm2d])
+def test_evaluate_with_batch_statistics(norm):
+    net = _cnn(norm=norm).eval()
     x = torch.randn(12, 1, 8, 8)
     saved = [b.clone() for b in net.buffers()]
     out = P.evaluate_with_batch_statistics(net, x, 4)
     for b, s in zip(net.buffers(), saved):
         assert torch.equal(b, s)  # running statistics untouched
-    probe = _cnn().train()
+    assert not net.training
+    probe = _cnn(norm=norm).train()  # the same weights: groups fed one at a time in training mode
     with torch.no_grad():
         expected = torch.cat([probe(c) for c in x.split(4)])
+        one_by_one = torch.cat([probe(c) for c in x.split(1)])  # a conv layer has H*W values per channel
     torch.testing.assert_close(out, expected)
-    with pytest.raises(ValueError, match="at least 2"):
-        P.evaluate_with_batch_statistics(net, x, 1)
+    torch.testing.assert_close(P.evaluate_with_batch_statistics(net, x, 1), one_by_one)
+    torch.testing.assert_close(P.evaluate_with_batch_statistics(net, x, 12), probe(x).detach())
+    with pytest.raises(ValueError, match="positive"):
+        P.evaluate_with_batch_statistics(net, x, 0)
     with pytest.raises(ValueError, match="multiple"):
         P.evaluate_with_batch_statistics(net, x, 5)
+
+
+@pytest.mark.parametrize("norm", [bnlib.BatchNorm1d, nn.BatchNorm1d, lambda c: bnlib.BatchNorm1d(c, affine=False)])
+def test_evaluate_with_batch_statistics_fully_connected(norm):
+    g = torch.Generator().manual_seed(3)
+    net = models.mlp([5, 7, 6, 3], norm=norm, generator=g)
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(16, 5, generator=g) * 2 + 1)  # non-trivial running statistics
+    net.eval()
+    x = torch.randn(9, 5, generator=g)
+    probe = copy.deepcopy(net)
+    for bn in P.batch_norm_layers(probe):
+        bn.train()
+    with torch.no_grad():
+        expected = torch.cat([probe(c) for c in x.split(3)])
+    torch.testing.assert_close(P.evaluate_with_batch_statistics(net, x, 3), expected)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        P.evaluate_with_batch_statistics(net, x, 1)  # one example of a fully connected layer, as in training
