@@ -98,7 +98,7 @@ BUGS = [
         "eval-uses-batch-statistics",
         "eval mode normalizes with the batch's statistics instead of the running ones",
         "bnlib/modules.py",
-        "use_batch_stats = self.training or not self.track_running_stats",
+        "use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)",
         "use_batch_stats = True",
         ("book/train_vs_inference.ipynb",),
     ),
