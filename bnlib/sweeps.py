@@ -2,10 +2,12 @@
 
 :func:`lr_sweep` trains ``build(seed)`` once per learning rate and seed; :func:`init_sweep` trains
 ``build(std, seed)`` once per initialization scale and seed at a fixed learning rate. Both use
-:func:`bnlib.training.train` (plain SGD unless an optimizer factory is given) and record test
+:func:`bnlib.training.train` (plain SGD unless an optimizer factory is given), run the seeds through
+:func:`bnlib.seeds.over_seeds` (by default :func:`bnlib.seeds.default_seeds`) and record test
 accuracy and loss every ``record_every`` steps. The :class:`Sweep` they return holds the results as
 arrays indexed ``[seed, setting, record]`` for plotting, with the summaries the chapters report:
-the first step at which a target accuracy is reached, and whether a run trained at all.
+the first step at which a target accuracy is reached, and whether a run trained at all; and
+:meth:`Sweep.spread` turns any per-run summary at one setting into a :class:`bnlib.seeds.Spread`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from bnlib.data import Split
+from bnlib.seeds import Spread, over_seeds
 from bnlib.training import History, Recorder, every, test_metrics, train
 
 __all__ = ["Sweep", "lr_sweep", "init_sweep"]
@@ -75,12 +78,38 @@ class Sweep:
                 out[s] = self.values[ok[s]].max()
         return out
 
+    def index(self, value: float) -> int:
+        """Position of a swept ``value`` in :attr:`values` (ValueError if it was not swept)."""
+        hits = np.flatnonzero(np.isclose(self.values, float(value), rtol=1e-12, atol=0.0))
+        if len(hits) == 0:
+            raise ValueError(f"{value} was not swept; swept values: {self.values.tolist()}")
+        return int(hits[0])
+
+    def spread(self, per_run: np.ndarray, value: float | None = None) -> Spread:
+        """Per-seed values as a :class:`~bnlib.seeds.Spread` over this sweep's seeds.
+
+        ``per_run`` is a per-run summary of shape (S, V), such as :meth:`best_accuracy` or
+        :meth:`steps_to`, of which ``value`` picks one swept setting; or a per-seed array of
+        shape (S,), such as :meth:`largest_trained`, with ``value`` left out.
+        """
+        per_run = np.asarray(per_run, dtype=float)
+        if per_run.shape == (len(self.seeds), len(self.values)):
+            if value is None:
+                raise ValueError("a (seeds, values) array needs the swept value to take")
+            return Spread.of(per_run[:, self.index(value)], self.seeds)
+        if per_run.shape == (len(self.seeds),) and value is None:
+            return Spread.of(per_run, self.seeds)
+        raise ValueError(
+            f"expected shape ({len(self.seeds)}, {len(self.values)}) with a value, or ({len(self.seeds)},) "
+            f"without one; got {per_run.shape} and value={value}"
+        )
+
 
 def _run(
     builds: Callable[[float, int], nn.Module],
     lr_of: Callable[[float], float],
     values: Sequence[float],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | None,
     split: Split,
     steps: int,
     batch_size: int,
@@ -90,7 +119,7 @@ def _run(
     record_at: Sequence[int],
     device: torch.device | str | None,
 ) -> Sweep:
-    if len(values) == 0 or len(seeds) == 0:
+    if len(values) == 0 or (seeds is not None and len(seeds) == 0):
         raise ValueError("need at least one value and one seed")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -99,34 +128,31 @@ def _run(
     if device is not None:
         x_test, y_test = x_test.to(device), y_test.to(device)
     metrics = test_metrics(x_test, y_test)
-    histories: list[list[History]] = []
-    for seed in seeds:
+
+    def one_seed(seed: int) -> list[History]:
+        """Every setting trained from this seed's initialization and mini-batch order."""
         row = []
         for value in values:
-            model = builds(float(value), int(seed))
-            if device is not None:
-                model = model.to(device)
-            lr = lr_of(float(value))
-            opt = optimizer(model, lr) if optimizer is not None else None
-            row.append(
-                train(
-                    model,
-                    split.x_train,
-                    split.y_train,
-                    steps=steps,
-                    batch_size=batch_size,
-                    lr=lr,
-                    optimizer=opt,
-                    record_at=record,
-                    recorders=[metrics, *recorders],
-                    seed=int(seed),
-                    device=device,
-                )
-            )
-        histories.append(row)
+            # global-RNG draws (dropout masks, a build without a generator) also come from the seed;
+            # the caller's global RNG state is restored afterwards
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                model = builds(float(value), seed)
+                if device is not None:
+                    model = model.to(device)
+                lr = lr_of(float(value))
+                opt = optimizer(model, lr) if optimizer is not None else None
+                row.append(train(
+                    model, split.x_train, split.y_train, steps=steps, batch_size=batch_size, lr=lr,
+                    optimizer=opt, record_at=record, recorders=[metrics, *recorders], seed=seed, device=device,
+                ))  # fmt: skip
+        return row
+
+    runs = over_seeds(one_seed, seeds)
+    histories = list(runs.results)
     return Sweep(
         values=np.asarray(values, dtype=float),
-        seeds=[int(s) for s in seeds],
+        seeds=list(runs.seeds),
         steps=record,
         accuracy=np.array([[h["accuracy"] for h in row] for row in histories]),
         loss=np.array([[h["loss"] for h in row] for row in histories]),
@@ -138,7 +164,7 @@ def _run(
 def lr_sweep(
     build: Callable[[int], nn.Module],
     lrs: Sequence[float],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | None,
     split: Split,
     *,
     steps: int,
@@ -149,10 +175,11 @@ def lr_sweep(
     record_at: Sequence[int] = (),
     device: torch.device | str | None = None,
 ) -> Sweep:
-    """Train ``build(seed)`` with every learning rate in ``lrs`` and every seed.
+    """Train ``build(seed)`` with every learning rate in ``lrs`` and every seed (None: the default seeds).
 
     The seed fixes the initialization (through ``build``) and the mini-batch order, so runs with
-    the same seed differ only in the learning rate. ``optimizer(model, lr)`` replaces plain SGD.
+    the same seed differ only in the learning rate. Any other randomness (dropout) must also come
+    from the seed, inside ``build`` or the model. ``optimizer(model, lr)`` replaces plain SGD.
     Extra ``recorders`` run at the recorded steps (``record_every`` and ``record_at``).
     """
     if any(lr <= 0 for lr in lrs):
@@ -166,7 +193,7 @@ def lr_sweep(
 def init_sweep(
     build: Callable[[float, int], nn.Module],
     stds: Sequence[float],
-    seeds: Sequence[int],
+    seeds: Sequence[int] | None,
     split: Split,
     *,
     lr: float,
@@ -178,7 +205,10 @@ def init_sweep(
     record_at: Sequence[int] = (),
     device: torch.device | str | None = None,
 ) -> Sweep:
-    """Train ``build(std, seed)`` (e.g. ``mlp(..., init_std=std)``) for every scale and seed at one ``lr``."""
+    """Train ``build(std, seed)`` (e.g. ``mlp(..., init_std=std)``) for every scale and seed at one ``lr``.
+
+    ``seeds`` None runs :func:`bnlib.seeds.default_seeds`.
+    """
     if any(s <= 0 for s in stds):
         raise ValueError(f"initialization scales must be positive, got {list(stds)}")
     if lr <= 0:

@@ -7,6 +7,7 @@ import torch
 import bnlib
 from bnlib import models, sweeps
 from bnlib.data import Split
+from bnlib.seeds import default_seeds
 
 
 def _split(seed=0):
@@ -91,3 +92,44 @@ def test_he_init_variance():
     assert float(net[1].weight.detach().min()) == 1.0  # normalization layers are left alone
     cnn = models.he_init_(models.small_cnn(channels=(8,)), torch.Generator().manual_seed(0))
     assert abs(float(cnn[0].weight.detach().std()) - (2 / 9) ** 0.5) < 0.3 * (2 / 9) ** 0.5
+
+
+def test_spread_of_one_setting_and_of_a_per_seed_summary():
+    s = sweeps.Sweep(
+        values=np.array([0.1, 0.3]),
+        seeds=[4, 7],
+        steps=[0, 10],
+        accuracy=np.array([[[0.1, 0.8], [0.1, 0.6]], [[0.1, 0.9], [0.1, 0.2]]]),
+        loss=np.zeros((2, 2, 2)),
+        train_loss=np.ones((2, 2, 3)),
+        histories=[[None, None], [None, None]],
+    )
+    acc = s.spread(s.best_accuracy(), 0.3)
+    assert acc.values == (0.6, 0.2) and acc.seeds == (4, 7)
+    assert s.index(0.1) == 0 and s.index(0.3) == 1
+    largest = s.spread(s.largest_trained(0.5))
+    assert largest.values == (0.3, 0.1) and largest.seeds == (4, 7)
+    with pytest.raises(ValueError, match="not swept"):
+        s.spread(s.best_accuracy(), 1.0)
+    with pytest.raises(ValueError, match="needs the swept value"):
+        s.spread(s.best_accuracy())
+    with pytest.raises(ValueError, match="expected shape"):
+        s.spread(s.largest_trained(0.5), 0.1)
+
+
+def test_default_seeds_and_seeded_global_rng(monkeypatch):
+    monkeypatch.delenv("BNBOOK_SCALE", raising=False)
+
+    def build(seed):  # dropout draws its masks from the global RNG
+        net = _build(seed)
+        return torch.nn.Sequential(net[0], torch.nn.Dropout(0.5), *net[1:])
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = sweeps.lr_sweep(build, [0.5], None, _split(), steps=20, batch_size=20, record_every=10)
+    assert a.seeds == default_seeds() == [0, 1, 2]
+    assert torch.equal(torch.get_rng_state(), state), "the caller's global RNG is left as it was"
+    torch.manual_seed(999)  # another global state: the sweep does not depend on it
+    b = sweeps.lr_sweep(build, [0.5], [0, 1, 2], _split(), steps=20, batch_size=20, record_every=10)
+    np.testing.assert_array_equal(a.train_loss, b.train_loss)
+    assert not np.array_equal(a.train_loss[0], a.train_loss[1]), "seeds are different repetitions"
