@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "train_data_parallel",
     "train_one_process",
     "try_torch_sync_batchnorm",
+    "run_several",
 ]
 
 
@@ -320,6 +321,13 @@ def launch(
 
 
 # --- the book's demonstrations (run inside :func:`launch`) -------------------------------------
+
+
+def run_several(rank: int, world_size: int, calls: Sequence[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` for every ``(fn, args)`` in ``calls``, one after the other
+    in the same process group, and return their results in order: one :func:`launch` (starting
+    processes costs more than most demonstrations) for several demonstrations."""
+    return [fn(rank, world_size, *args) for fn, args in calls]
 
 
 def exactness_check(rank: int, world_size: int, per_process: int = 4, channels: int = 3, seed: int = 0) -> dict:

@@ -17,6 +17,8 @@ with ``norm`` one of (Ba et al. 2016 normalize the same summed inputs):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +56,11 @@ class NormRNN(nn.Module):
         norm: one of :data:`NORMS`.
         max_steps: number of per-step layers for ``"batch_per_step"`` (the training length).
         generator: random generator for the initialization.
+        batch_norm: the batch-normalization layer for ``"batch"`` and ``"batch_per_step"``, called with
+            the number of hidden units (default ``bnlib.BatchNorm1d``; ``torch.nn.BatchNorm1d``
+            computes the same to float rounding and costs less per call at small sizes).
+        layer_norm: the layer-normalization layer for ``"layer"``, likewise (default
+            ``bnlib.norms.LayerNorm``; or ``torch.nn.LayerNorm``).
     """
 
     def __init__(
@@ -64,6 +71,8 @@ class NormRNN(nn.Module):
         norm: str = "none",
         max_steps: int = 28,
         generator: torch.Generator | None = None,
+        batch_norm: Callable[[int], nn.Module] = BatchNorm1d,
+        layer_norm: Callable[[int], nn.Module] = LayerNorm,
     ) -> None:
         super().__init__()
         if norm not in NORMS:
@@ -79,11 +88,11 @@ class NormRNN(nn.Module):
                 if layer.bias is not None:
                     layer.bias.zero_()
         if norm == "batch":
-            self.norms = nn.ModuleList([BatchNorm1d(hidden_size)])
+            self.norms = nn.ModuleList([batch_norm(hidden_size)])
         elif norm == "batch_per_step":
-            self.norms = nn.ModuleList([BatchNorm1d(hidden_size) for _ in range(max_steps)])
+            self.norms = nn.ModuleList([batch_norm(hidden_size) for _ in range(max_steps)])
         elif norm == "layer":
-            self.norms = nn.ModuleList([LayerNorm(hidden_size)])
+            self.norms = nn.ModuleList([layer_norm(hidden_size)])
         else:
             self.norms = nn.ModuleList()
 

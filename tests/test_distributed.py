@@ -85,3 +85,11 @@ def test_convert_sync_batchnorm_keeps_parameters_and_buffers():
         torch.testing.assert_close(v, before[k])
     net64 = D.SyncBatchNorm.convert_sync_batchnorm(bnlib.models.mlp([5, 6, 3], norm=bnlib.BatchNorm1d).double())
     assert net64[1].weight.dtype == net64[1].running_var.dtype == torch.float64
+
+
+def test_run_several_gives_what_separate_launches_give():
+    calls = [(D.try_torch_sync_batchnorm, ()), (D.exactness_check, (4, 3, 0))]
+    together = D.launch(D.run_several, 2, (calls,))
+    assert len(together) == 2 and all(len(results) == 2 for results in together)
+    assert [r[0] for r in together] == D.launch(D.try_torch_sync_batchnorm, 2)
+    assert [r[1] for r in together] == D.launch(D.exactness_check, 2, (4, 3, 0))

@@ -100,3 +100,25 @@ def test_helpers():
     with pytest.raises(ValueError):
         sequence.rows_as_sequences(torch.rand(2, 8, 8))
     assert isinstance(bnlib.BatchNorm1d(3), torch.nn.Module)
+
+
+@pytest.mark.parametrize("kind", ["batch", "batch_per_step"])
+def test_norm_rnn_with_torch_batch_norm_computes_the_same(kind):
+    ours = sequence.NormRNN(5, 7, 3, kind, max_steps=4, generator=torch.Generator().manual_seed(0)).double()
+    theirs = sequence.NormRNN(5, 7, 3, kind, max_steps=4, generator=torch.Generator().manual_seed(0),
+                              batch_norm=torch.nn.BatchNorm1d).double()
+    assert all(isinstance(m, torch.nn.BatchNorm1d) for m in theirs.norms)
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(theirs(x), ours(x))  # training mode: batch statistics
+    for a, b in zip(theirs.norms, ours.norms):
+        torch.testing.assert_close(a.running_var, b.running_var)
+    torch.testing.assert_close(theirs.eval()(x), ours.eval()(x))  # evaluation: the running averages
+
+
+def test_norm_rnn_with_torch_layer_norm_computes_the_same():
+    ours = sequence.NormRNN(5, 7, 3, "layer", generator=torch.Generator().manual_seed(0)).double()
+    theirs = sequence.NormRNN(5, 7, 3, "layer", generator=torch.Generator().manual_seed(0),
+                              layer_norm=torch.nn.LayerNorm).double()
+    assert isinstance(theirs.norms[0], torch.nn.LayerNorm)
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    torch.testing.assert_close(theirs(x), ours(x))
