@@ -33,7 +33,8 @@ book: $(STAMP)
 ## Lint, unit tests, notebooks (nbval, portable comparison), the built site, a fresh install, then the
 ## notebooks again on two simulated other CPUs and the planted-bug check.
 test: book
-	$(PY) -m ruff check bnlib tests scripts conftest.py
+	$(PY) -m ruff check bnlib tests scripts benchmarks conftest.py
+	$(VENV)/bin/lint-imports
 	BNBOOK_FRESH_INSTALL=1 $(NBVAL) --durations=10
 	$(MAKE) --no-print-directory notebooks-other-cpus planted-bugs
 

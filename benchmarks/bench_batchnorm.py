@@ -13,13 +13,14 @@ import argparse
 import sys
 
 import torch
+from bnlib.bench import timing
 
-from bnlib import bench, compiled
-from bnlib.report import Table
+from bnlib.norm import compiled
+from bnlib.present.report import Table
 
 # training forward+backward at the conv shapes: what must hold (impl, bound on its ratio to native)
 TARGETS = {
-    "bnlib": 1.6,  # eager bnlib.functional within 1.6x of native
+    "bnlib": 1.6,  # eager bnlib.norm.functional within 1.6x of native
     "compiled": 1.0,  # compiled at or below native
     "numpy": 3.0,  # NumPy reference within 3x of native
 }
@@ -30,7 +31,7 @@ def _shape(s: tuple[int, ...]) -> str:
     return "(" + ", ".join(map(str, s)) + ")"
 
 
-def table(results: list[bench.Result], mode: str) -> Table:
+def table(results: list[timing.Result], mode: str) -> Table:
     rows = []
     for r in results:
         if r.mode != mode:
@@ -43,7 +44,7 @@ def table(results: list[bench.Result], mode: str) -> Table:
     return Table(headers, rows, caption=caption)
 
 
-def check_targets(results: list[bench.Result], conv_shapes) -> list[tuple[str, bool]]:
+def check_targets(results: list[timing.Result], conv_shapes) -> list[tuple[str, bool]]:
     by = {(r.shape, r.impl): r for r in results if r.mode == "train"}
     checks = []
     for shape in map(tuple, conv_shapes):
@@ -74,10 +75,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
-    conv_shapes = bench.CONV_SHAPES[:1] if args.quick else bench.CONV_SHAPES
-    shapes = bench.MLP_SHAPES + conv_shapes
+    conv_shapes = timing.CONV_SHAPES[:1] if args.quick else timing.CONV_SHAPES
+    shapes = timing.MLP_SHAPES + conv_shapes
     rounds = 5 if args.quick else args.rounds
-    impls = [i for i in bench.IMPLEMENTATIONS if not ((args.quick or args.no_compile) and i == "compiled")]
+    impls = [i for i in timing.IMPLEMENTATIONS if not ((args.quick or args.no_compile) and i == "compiled")]
 
     print(f"torch {torch.__version__}, float32, {args.threads} CPU thread(s), median of {rounds} interleaved rounds")
     print("Timings depend on the machine and on its load at the time: compare the ratios (same run).\n")
@@ -85,21 +86,21 @@ def main(argv: list[str]) -> int:
     for device in devices:
         print(f"== {device}" + (f": {torch.cuda.get_device_name()}" if device == "cuda" else ""))
         if "compiled" in impls:
-            cost, in_use = bench.compile_cost(conv_shapes[0], device)
+            cost, in_use = timing.compile_cost(conv_shapes[0], device)
             status = "compiled" if in_use else f"NOT compiled, eager fallback: {compiled.available()[1]}"
             where = _shape(conv_shapes[0])
             print(f"torch.compile, one-time cost of the first training step at {where}: {cost:.1f} s ({status})")
         dev_impls = [i for i in impls if not (i == "numpy" and device != "cpu")]
-        results = bench.run(shapes, ("train", "eval"), dev_impls, device, rounds, args.threads)
+        results = timing.run(shapes, ("train", "eval"), dev_impls, device, rounds, args.threads)
         print()
         print(table(results, "train"))
         print()
         print(table(results, "eval"))
         print("\nkept for backward: distinct tensors the autograd graph saves, in input sizes; 'new' leaves out the")
         print("input itself. x bound: time / (bytes a step must move / copy bandwidth); copy GB/s: a plain copy of")
-        print(f"the input timed in the same rounds (training moves {bench.TRAIN_PASSES} input sizes, evaluation 2).")
+        print(f"the input timed in the same rounds (training moves {timing.TRAIN_PASSES} input sizes, evaluation 2).")
         for groups, label in ((1, "3x3 conv"), (64, "depthwise 3x3 conv")):
-            f = bench.fold_speedup(channels=64, batch=8, size=32, groups=groups, device=device, rounds=rounds)
+            f = timing.fold_speedup(channels=64, batch=8, size=32, groups=groups, device=device, rounds=rounds)
             print(
                 f"eval, {label} on (8, 64, 32, 32): conv+BN {f['conv+bn'] * 1e3:.2f} ms, "
                 f"folded {f['folded'] * 1e3:.2f} ms, speed-up {f['speedup']:.2f}x "

@@ -113,7 +113,7 @@ def chapters_markdown(root: Path) -> list[str]:
         "(`make refresh`), and the site shows those outputs. The table gives what that run measured: "
         "wall-clock time, the slowest cell (numbered from 0, markdown cells included), the kernel's peak "
         "resident memory, the device it computed on, and the seeds its training experiments ran on "
-        "(`bnlib.seeds.over_seeds`: how many experiments, which seeds, the fewest seeds behind one "
+        "(`bnlib.lab.seeds.over_seeds`: how many experiments, which seeds, the fewest seeds behind one "
         "experiment).",
         "",
         "| chapter | execution time (s) | slowest cell (s) | peak memory (MB) | device | scale | seeds | executed |",

@@ -76,7 +76,7 @@ def _peak_rss_mb(pid: int | None) -> float | None:
 
 
 SEEDS_PROBE = """import json, sys
-_seeds = sys.modules.get("bnlib.seeds")
+_seeds = sys.modules.get("bnlib.lab.seeds")
 print(json.dumps(_seeds.seeds_used() if _seeds else {"experiments": 0, "seeds": [], "fewest_seeds": 0}))"""
 
 
@@ -104,7 +104,7 @@ def execute(path: Path, timeout: int = 600, env: dict | None = None) -> float:
         if rss is not None:
             peak.append(rss)
 
-    # One extra cell, removed again before saving: what bnlib.seeds.over_seeds ran in this kernel.
+    # One extra cell, removed again before saving: what bnlib.lab.seeds.over_seeds ran in this kernel.
     probe = nbformat.v4.new_code_cell(SEEDS_PROBE)
     nb.cells.append(probe)
     client = NotebookClient(

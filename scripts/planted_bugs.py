@@ -49,15 +49,15 @@ BUGS = [
     Bug(
         "running-variance-biased",
         "the running variance is updated with the biased batch variance (no m/(m-1))",
-        "bnlib/functional.py",
-        "unbiased = var * (m / (m - 1))",
+        "bnlib/norm/channels.py",
+        "unbiased = var * (count / (count - 1))",
         "unbiased = var",
         ("book/train_vs_inference.ipynb",),
     ),
     Bug(
         "eps-on-std",
         "eps is added to the standard deviation instead of the variance",
-        "bnlib/functional.py",
+        "bnlib/norm/functional.py",
         "inv_std = torch.rsqrt(var + eps)",
         "inv_std = 1 / (var.sqrt() + eps)",
         ("book/formulas.ipynb",),
@@ -65,7 +65,7 @@ BUGS = [
     Bug(
         "backward-drops-mean-term",
         "the backward pass drops the -sum(dy)/m term (the gradient of the mean)",
-        "bnlib/functional.py",
+        "bnlib/norm/functional.py",
         "c = -a * sum_dy / m - b * d",
         "c = -b * d",
         ("book/formulas.ipynb",),
@@ -73,7 +73,7 @@ BUGS = [
     Bug(
         "momentum-flipped",
         "the momentum convention is flipped (momentum weighs the old running value)",
-        "bnlib/functional.py",
+        "bnlib/norm/channels.py",
         "running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)",
         "running_mean.mul_(momentum).add_(mean.to(running_mean.dtype), alpha=1 - momentum)",
         ("book/train_vs_inference.ipynb",),
@@ -81,7 +81,7 @@ BUGS = [
     Bug(
         "normalize-with-unbiased-variance",
         "training normalizes with the unbiased variance (divides by m - 1)",
-        "bnlib/functional.py",
+        "bnlib/norm/functional.py",
         "var = (torch.mul(x_c, x_c).sum(dims) / m - d * d)",
         "var = (torch.mul(x_c, x_c).sum(dims) / (m - 1) - d * d)",
         ("book/formulas.ipynb",),
@@ -89,7 +89,7 @@ BUGS = [
     Bug(
         "reference-backward-drops-projection",
         "the NumPy reference backward drops the x_hat * sum(dx_hat * x_hat) term",
-        "bnlib/reference.py",
+        "bnlib/norm/reference.py",
         " - x_hat * (dx_hat * x_hat).sum(axis=0)) / (m * cache.std)",
         ") / (m * cache.std)",
         ("book/formulas.ipynb",),
@@ -97,7 +97,7 @@ BUGS = [
     Bug(
         "eval-uses-batch-statistics",
         "eval mode normalizes with the batch's statistics instead of the running ones",
-        "bnlib/modules.py",
+        "bnlib/norm/modules.py",
         "use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)",
         "use_batch_stats = True",
         ("book/train_vs_inference.ipynb",),

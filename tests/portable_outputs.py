@@ -5,7 +5,7 @@ mathematics and wrong for results of training, whose last bits (and, through cha
 more than the last bits) depend on the CPU's kernels. This plugin changes two things:
 
 - **glued values** (myst-nb glue records) are matched by name. A value stored with a tolerance
-  (output metadata ``{"bnbook": {"tolerance": t}}``, written by ``bnlib.report.glue``) passes when
+  (output metadata ``{"bnbook": {"tolerance": t}}``, written by ``bnlib.present.report.glue``) passes when
   it is within ``t`` of the stored one; any other glued text is compared exactly. A glued figure is
   only required to exist: its bytes differ from CPU to CPU and are never compared.
 - **cells tagged** ``bnbook-measured`` (they print results of training runs for the reader) have

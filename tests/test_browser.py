@@ -305,7 +305,7 @@ WIDGET_PAGES = [p for p in PAGES if WIDGET_VIEW in (SITE / p).read_text(encoding
 
 @pytest.mark.parametrize("path", WIDGET_PAGES or ["(no page with widgets)"])
 def test_widget_sliders_scrub_offline(visit, path):
-    """On the static site a slider linked in the browser (bnlib.widgets) still changes what it shows."""
+    """On the static site a slider linked in the browser (bnlib.present.widgets) still changes what it shows."""
     if not WIDGET_PAGES:
         pytest.skip("no built page has stored widgets yet")
     v = visit(path)

@@ -109,10 +109,10 @@ EXPERIMENT = """
 import json, sys
 import torch
 import bnlib
-import bnlib.plots
+import bnlib.present.plots
 
 device = bnlib.setup(seed=0)
-bnlib.plots.use_book_style()
+bnlib.present.plots.use_book_style()
 x = (3 * torch.randn(64, 8) + 1).to(device)
 ours, theirs = bnlib.BatchNorm1d(8).to(device), torch.nn.BatchNorm1d(8).to(device)
 for _ in range(3):

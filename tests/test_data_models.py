@@ -1,10 +1,10 @@
-"""bnlib.data and bnlib.models."""
+"""bnlib.lab.data and bnlib.lab.models."""
 
 import pytest
 import torch
 
 import bnlib
-from bnlib import data, models
+from bnlib.lab import data, models
 
 
 def test_mnist_5k_is_shuffled_split_and_scaled():

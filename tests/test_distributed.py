@@ -1,13 +1,15 @@
-"""bnlib.distributed: a real 2-process gloo job on 127.0.0.1 (a few seconds), and the single-process fallback."""
+"""bnlib.norm.sync and bnlib.lab.launch: a real 2-process gloo job (a few seconds), and the single-process fallback."""
 
 import pytest
 import torch
 from torch import nn
 
 import bnlib
-import bnlib.models
-from bnlib import distributed as D
-from bnlib import norms
+import bnlib.lab.models
+from bnlib import norm
+from bnlib.lab.experiments import data_parallel as D
+from bnlib.lab.launch import launch, run_several
+from bnlib.norm.sync import SyncBatchNorm
 
 torch.set_num_threads(1)
 
@@ -20,7 +22,7 @@ def _data(n=96, features=20, seed=0):
 
 
 def test_sync_bn_equals_bn_on_the_concatenated_batch():
-    results = D.launch(D.exactness_check, 2, (4, 3, 0))
+    results = launch(D.exactness_check, 2, (4, 3, 0))
     for r in results:
         for key in ("output", "input_grad", "param_grad", "running_stats"):
             assert r[key] < 1e-5, (key, r[key])
@@ -33,9 +35,9 @@ def test_data_parallel_training_equals_one_process(sync):
     x, y = _data()
     sizes, per_process, steps = (20, 16, 16, 4), 4, 20
     f64 = torch.float64  # float32 rounding grows quickly in small-batch training; float64 keeps the comparison tight
-    runs = D.launch(D.train_data_parallel, 2, (x, y, sync, sizes, per_process, steps, 0.05, 3, f64))
-    norm = bnlib.BatchNorm1d if sync else norms.factory("ghost", ghost_size=per_process)
-    ref = D.train_one_process(x, y, norm, sizes, 2 * per_process, steps, 0.05, 3, f64)
+    runs = launch(D.train_data_parallel, 2, (x, y, sync, sizes, per_process, steps, 0.05, 3, f64))
+    layer = bnlib.BatchNorm1d if sync else norm.factory("ghost", ghost_size=per_process)
+    ref = D.train_one_process(x, y, layer, sizes, 2 * per_process, steps, 0.05, 3, f64)
     tight = {"rtol": 1e-9, "atol": 1e-9}
     torch.testing.assert_close((runs[0]["losses"] + runs[1]["losses"]) / 2, ref["losses"], **tight)
     for name, value in ref["state"].items():
@@ -52,19 +54,19 @@ def test_data_parallel_training_equals_one_process(sync):
 
 
 def test_torch_sync_batchnorm_refuses_cpu_tensors():
-    messages = D.launch(D.try_torch_sync_batchnorm, 2)
+    messages = launch(D.try_torch_sync_batchnorm, 2)
     assert all(m is not None and "GPU" in m for m in messages), messages
 
 
 def test_launch_reports_a_failing_worker():
     with pytest.raises(RuntimeError, match="failed"):
-        D.launch(D.exactness_check, 2, (4, "not a number"), timeout_s=30)
+        launch(D.exactness_check, 2, (4, "not a number"), timeout_s=30)
 
 
 @pytest.mark.parametrize("shape", [(8, 3), (8, 3, 5), (4, 3, 4, 4)])
 def test_single_process_fallback_matches_torch_sync_batchnorm(shape):
     """Without a process group torch.nn.SyncBatchNorm runs on the CPU (as plain BN): same layout and outputs."""
-    ours, theirs = D.SyncBatchNorm(3, momentum=0.2), nn.SyncBatchNorm(3, momentum=0.2)
+    ours, theirs = SyncBatchNorm(3, momentum=0.2), nn.SyncBatchNorm(3, momentum=0.2)
     assert set(ours.state_dict()) == set(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     for mode in (True, True, False):
@@ -76,20 +78,20 @@ def test_single_process_fallback_matches_torch_sync_batchnorm(shape):
 
 
 def test_convert_sync_batchnorm_keeps_parameters_and_buffers():
-    net = bnlib.models.mlp([5, 6, 3], norm=nn.BatchNorm1d)
+    net = bnlib.lab.models.mlp([5, 6, 3], norm=nn.BatchNorm1d)
     net[1].running_mean.fill_(0.5)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    net = D.SyncBatchNorm.convert_sync_batchnorm(net)
-    assert isinstance(net[1], D.SyncBatchNorm)
+    net = SyncBatchNorm.convert_sync_batchnorm(net)
+    assert isinstance(net[1], SyncBatchNorm)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, before[k])
-    net64 = D.SyncBatchNorm.convert_sync_batchnorm(bnlib.models.mlp([5, 6, 3], norm=bnlib.BatchNorm1d).double())
+    net64 = SyncBatchNorm.convert_sync_batchnorm(bnlib.lab.models.mlp([5, 6, 3], norm=bnlib.BatchNorm1d).double())
     assert net64[1].weight.dtype == net64[1].running_var.dtype == torch.float64
 
 
 def test_run_several_gives_what_separate_launches_give():
     calls = [(D.try_torch_sync_batchnorm, ()), (D.exactness_check, (4, 3, 0))]
-    together = D.launch(D.run_several, 2, (calls,))
+    together = launch(run_several, 2, (calls,))
     assert len(together) == 2 and all(len(results) == 2 for results in together)
-    assert [r[0] for r in together] == D.launch(D.try_torch_sync_batchnorm, 2)
-    assert [r[1] for r in together] == D.launch(D.exactness_check, 2, (4, 3, 0))
+    assert [r[0] for r in together] == launch(D.try_torch_sync_batchnorm, 2)
+    assert [r[1] for r in together] == launch(D.exactness_check, 2, (4, 3, 0))

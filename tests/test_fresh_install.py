@@ -37,14 +37,14 @@ pytestmark = pytest.mark.skipif(
 EXPERIMENT = """
 import json
 import torch
-import bnlib, bnlib.data, bnlib.models
+import bnlib, bnlib.lab.data, bnlib.lab.models
 
 # a few steps of an MLP with bnlib's BN on real digits, and the same steps with torch.nn's BN
-data = bnlib.data.digits_8x8(standardize=True)
+data = bnlib.lab.data.digits_8x8(standardize=True)
 x, y = data.x_train[:256].to(device), data.y_train[:256].to(device)
 losses = {}
 for name, norm in [("bnlib", bnlib.BatchNorm1d), ("torch", torch.nn.BatchNorm1d)]:
-    net = bnlib.models.mlp([64, 32, 32, 10], "relu", norm, generator=torch.Generator().manual_seed(0)).to(device)
+    net = bnlib.lab.models.mlp([64, 32, 32, 10], "relu", norm, generator=torch.Generator().manual_seed(0)).to(device)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for _ in range(20):
         opt.zero_grad()

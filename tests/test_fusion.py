@@ -1,4 +1,4 @@
-"""bnlib.fusion against torch.nn.utils.fusion and against the unfolded network."""
+"""bnlib.norm.fusion against torch.nn.utils.fusion and against the unfolded network."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 import bnlib
-from bnlib import fusion, models
+from bnlib.lab import models
+from bnlib.norm import fusion
+from bnlib.norm.modules import is_batch_norm
 
 torch.set_num_threads(1)
 
@@ -97,8 +99,8 @@ def test_fuse_model_small_cnn(norm):
         net(torch.randn(16, 1, 8, 8))
     net.eval()
     folded = fusion.fuse_model(net)
-    assert not any(fusion.is_batch_norm(m) for m in folded.modules())
-    assert any(fusion.is_batch_norm(m) for m in net.modules())  # the original is untouched
+    assert not any(is_batch_norm(m) for m in folded.modules())
+    assert any(is_batch_norm(m) for m in net.modules())  # the original is untouched
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
     assert not folded.training
@@ -112,7 +114,7 @@ def test_fuse_model_nested_and_mlp():
     net(torch.randn(32, 6) * 3)
     net.eval()
     folded = fusion.fuse_model(net)
-    assert sum(fusion.is_batch_norm(m) for m in folded.modules()) == 0
+    assert sum(is_batch_norm(m) for m in folded.modules()) == 0
     x = torch.randn(7, 6)
     torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
 
@@ -120,7 +122,7 @@ def test_fuse_model_nested_and_mlp():
 def test_bn_not_after_a_linear_layer_is_kept():
     net = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
     folded = fusion.fuse_model(net)
-    assert fusion.is_batch_norm(folded[0])
+    assert is_batch_norm(folded[0])
 
 
 def test_fold_weights_formula_float64():

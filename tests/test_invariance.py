@@ -1,4 +1,4 @@
-"""bnlib.invariance: the scale-invariance identities, norm growth, weight decay as an exponential learning rate."""
+"""bnlib.lab.invariance: the scale-invariance identities, norm growth, weight decay as an exponential learning rate."""
 
 import functools
 import math
@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnlib
-from bnlib import invariance as inv
-from bnlib import models
+from bnlib.lab import invariance as inv
+from bnlib.lab import models
 
-BN0 = functools.partial(bnlib.BatchNorm1d, eps=0.0)
+BN0 = inv.ExactBatchNorm1d
 
 
 def _net(seed=0, norm=BN0, sizes=(12, 8, 8, 3)):

@@ -1,4 +1,4 @@
-"""bnlib.landscape: probes along the gradient, the ICS measure, Theorem 4.1, 2-D slices; bnlib.deep_linear."""
+"""bnlib.lab.landscape (gradient probes, the ICS measure, Theorem 4.1, 2-D slices) and deep linear networks."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import bnlib
-from bnlib import deep_linear, landscape, models
+from bnlib.lab import landscape, models
+from bnlib.lab.experiments import deep_linear
 
 
 def quadratic(a: torch.Tensor, b: torch.Tensor):
@@ -135,7 +136,7 @@ def test_theorem_4_1_bound_holds_with_equality_at_eps_zero(eps):
     x = (torch.randn(m, c, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_(True)
     gamma = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
     up = torch.randn(m, c, generator=g, dtype=torch.float64)
-    out = bnlib.functional.batch_norm(x, None, None, gamma, None, training=True, eps=eps)
+    out = bnlib.norm.functional.batch_norm(x, None, None, gamma, None, training=True, eps=eps)
     (dx,) = torch.autograd.grad(out, x, up)
     var = x.detach().var(0, unbiased=False)
     sigma = (var + eps).sqrt()
@@ -192,7 +193,7 @@ def test_deep_linear_network_layout_and_data():
 
 
 def test_landscape_recorder_inside_the_training_loop():
-    from bnlib import training
+    from bnlib.lab import training
 
     net = small_bn_net()
     x, y = batch(n=64)

@@ -1,4 +1,4 @@
-"""bnlib.noisy: noisy BN and l_p-normalized BN."""
+"""bnlib.lab.experiments.noisy: noisy BN and l_p-normalized BN."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import bnlib
-from bnlib import models, noisy
+from bnlib.lab import models
+from bnlib.lab.experiments import noisy
 
 
 def test_noisy_bn_is_plain_bn_in_eval_mode_and_reproducible():
@@ -75,7 +76,7 @@ def test_lp_batch_norm_normalizes_by_the_lp_deviation(p):
     scale = {1: dev.mean(0), 2: dev.pow(2).mean(0).sqrt(), math.inf: dev.amax(0)}[p]
     torch.testing.assert_close(out, (x - x.mean(0)) / scale)
     if p == 2:  # the standard deviation: BN at eps = 0
-        torch.testing.assert_close(out, bnlib.functional.batch_norm(x, None, None, training=True, eps=0.0))
+        torch.testing.assert_close(out, bnlib.norm.functional.batch_norm(x, None, None, training=True, eps=0.0))
     torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(0))
     layer.eval()
     assert layer(x).shape == x.shape

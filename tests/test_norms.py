@@ -1,12 +1,12 @@
-"""bnlib.norms against torch.nn: outputs, gradients, parameters, buffers; Batch Renorm's algebra; the axes."""
+"""bnlib.norm against torch.nn: outputs, gradients, parameters, buffers; Batch Renorm's algebra; the axes."""
 
 import pytest
 import torch
 from torch import nn
 
 import bnlib
-import bnlib.models
-from bnlib import norms
+import bnlib.lab.models
+from bnlib import norm
 
 torch.set_num_threads(1)
 
@@ -61,7 +61,7 @@ def _compare(ours: nn.Module, theirs: nn.Module, shape, steps: int = 3, scale: f
 @pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, True)])
 def test_layer_norm_matches_torch(shape, normalized, affine, bias):
     _compare(
-        norms.LayerNorm(normalized, eps=1e-4, elementwise_affine=affine, bias=bias),
+        norm.LayerNorm(normalized, eps=1e-4, elementwise_affine=affine, bias=bias),
         nn.LayerNorm(normalized, eps=1e-4, elementwise_affine=affine, bias=bias),
         shape,
     )
@@ -74,17 +74,17 @@ def test_group_norm_matches_torch(shape, groups, affine, bias):
     if groups == 8 and len(shape) == 2:
         pytest.skip("one value per group: x - mean is 0 here, rounding noise times 1/sqrt(eps) in torch")
     _compare(
-        norms.GroupNorm(groups, 8, affine=affine, bias=bias), nn.GroupNorm(groups, 8, affine=affine, bias=bias), shape
+        norm.GroupNorm(groups, 8, affine=affine, bias=bias), nn.GroupNorm(groups, 8, affine=affine, bias=bias), shape
     )
 
 
 @pytest.mark.parametrize(
     "ours_cls, theirs_cls, shape",
     [
-        (norms.InstanceNorm1d, nn.InstanceNorm1d, (4, 3, 9)),
-        (norms.InstanceNorm1d, nn.InstanceNorm1d, (3, 9)),
-        (norms.InstanceNorm2d, nn.InstanceNorm2d, (4, 3, 5, 5)),
-        (norms.InstanceNorm2d, nn.InstanceNorm2d, (3, 5, 5)),
+        (norm.InstanceNorm1d, nn.InstanceNorm1d, (4, 3, 9)),
+        (norm.InstanceNorm1d, nn.InstanceNorm1d, (3, 9)),
+        (norm.InstanceNorm2d, nn.InstanceNorm2d, (4, 3, 5, 5)),
+        (norm.InstanceNorm2d, nn.InstanceNorm2d, (3, 5, 5)),
     ],
 )
 @pytest.mark.parametrize("affine", [False, True])
@@ -98,34 +98,34 @@ def test_instance_norm_matches_torch(ours_cls, theirs_cls, shape, affine, track,
 @pytest.mark.parametrize("eps", [None, 1e-3])
 @pytest.mark.parametrize("affine", [True, False])
 def test_rms_norm_matches_torch(shape, normalized, eps, affine):
-    _compare(norms.RMSNorm(normalized, eps, affine), nn.RMSNorm(normalized, eps, affine), shape)
+    _compare(norm.RMSNorm(normalized, eps, affine), nn.RMSNorm(normalized, eps, affine), shape)
 
 
 def test_float64_gradcheck():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    for layer in [norms.GroupNorm(2, 4), norms.LayerNorm((4, 3, 3)), norms.InstanceNorm2d(4), norms.RMSNorm(3)]:
+    for layer in [norm.GroupNorm(2, 4), norm.LayerNorm((4, 3, 3)), norm.InstanceNorm2d(4), norm.RMSNorm(3)]:
         layer.double()
         assert torch.autograd.gradcheck(layer, (x,))
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="divisible"):
-        norms.GroupNorm(3, 8)
+        norm.GroupNorm(3, 8)
     with pytest.raises(ValueError, match="expected input"):
-        norms.GroupNorm(2, 8)(torch.randn(2, 6, 3))
+        norm.GroupNorm(2, 8)(torch.randn(2, 6, 3))
     with pytest.raises(ValueError, match="3D or 4D"):
-        norms.InstanceNorm2d(3)(torch.randn(2, 3))
+        norm.InstanceNorm2d(3)(torch.randn(2, 3))
     with pytest.raises(ValueError, match="ending in"):
-        norms.LayerNorm(5)(torch.randn(2, 4))
+        norm.LayerNorm(5)(torch.randn(2, 4))
     with pytest.raises(ValueError, match="unknown method"):
-        norms.plan("weight", 4)
+        norm.plan("weight", 4)
     with pytest.raises(ValueError, match="multiple"):
-        norms.GhostBatchNorm(3, ghost_size=4).train()(torch.randn(6, 3))
+        norm.GhostBatchNorm(3, ghost_size=4).train()(torch.randn(6, 3))
     with pytest.raises(ValueError, match="rmax"):
-        norms.BatchRenorm(3, rmax=0.5)
+        norm.BatchRenorm(3, rmax=0.5)
     with pytest.raises(ValueError, match="no 'instance'"):
-        norms.factory("instance")
+        norm.factory("instance")
 
 
 # --- the shared idea: which axes -------------------------------------------------------------
@@ -134,13 +134,13 @@ def test_bad_arguments():
 def _layer(method: str, c: int):
     return {
         "batch": lambda: bnlib.BatchNorm2d(c),
-        "layer": lambda: norms.LayerNorm((c, 3, 4)),
-        "instance": lambda: norms.InstanceNorm2d(c),
-        "group": lambda: norms.GroupNorm(2, c),
+        "layer": lambda: norm.LayerNorm((c, 3, 4)),
+        "instance": lambda: norm.InstanceNorm2d(c),
+        "group": lambda: norm.GroupNorm(2, c),
     }[method]()
 
 
-@pytest.mark.parametrize("method", norms.METHODS)
+@pytest.mark.parametrize("method", norm.METHODS)
 @pytest.mark.parametrize("index", [(0, 0, 0, 0), (2, 3, 1, 2)])
 def test_shares_statistics_is_what_the_layers_do(method, index):
     """Perturbing one input moves exactly the outputs that share its statistics (and itself)."""
@@ -151,23 +151,23 @@ def test_shares_statistics_is_what_the_layers_do(method, index):
     x2 = x.clone()
     x2[index] += 1.0
     moved = (layer(x2) - layer(x)).abs() > 1e-9
-    assert torch.equal(moved, norms.shares_statistics(method, shape, index, num_groups=2))
+    assert torch.equal(moved, norm.shares_statistics(method, shape, index, num_groups=2))
 
 
 def test_normalize_matches_torch_functionals():
     x = torch.randn(4, 6, 3, 5)
-    _close(norms.normalize(x, "batch"), nn.functional.batch_norm(x, None, None, training=True))
-    _close(norms.normalize(x, "layer"), nn.functional.layer_norm(x, x.shape[1:]))
-    _close(norms.normalize(x, "instance"), nn.functional.instance_norm(x))
-    _close(norms.normalize(x, "group", 3), nn.functional.group_norm(x, 3))
-    counts = {m: int(norms.shares_statistics(m, x.shape, num_groups=3).sum()) for m in norms.METHODS}
+    _close(norm.normalize(x, "batch"), nn.functional.batch_norm(x, None, None, training=True))
+    _close(norm.normalize(x, "layer"), nn.functional.layer_norm(x, x.shape[1:]))
+    _close(norm.normalize(x, "instance"), nn.functional.instance_norm(x))
+    _close(norm.normalize(x, "group", 3), nn.functional.group_norm(x, 3))
+    counts = {m: int(norm.shares_statistics(m, x.shape, num_groups=3).sum()) for m in norm.METHODS}
     assert counts == {"batch": 4 * 15, "layer": 6 * 15, "instance": 15, "group": 2 * 15}
 
 
 def test_group_norm_limits_are_layer_and_instance_norm():
     x = torch.randn(4, 6, 3, 3)
-    _close(norms.GroupNorm(1, 6)(x), norms.LayerNorm((6, 3, 3))(x))
-    _close(norms.GroupNorm(6, 6)(x), norms.InstanceNorm2d(6)(x))
+    _close(norm.GroupNorm(1, 6)(x), norm.LayerNorm((6, 3, 3))(x))
+    _close(norm.GroupNorm(6, 6)(x), norm.InstanceNorm2d(6)(x))
 
 
 # --- Batch Renorm and ghost batches -------------------------------------------------------------
@@ -175,34 +175,34 @@ def test_group_norm_limits_are_layer_and_instance_norm():
 
 @pytest.mark.parametrize("shape", [(8, 5), (4, 5, 3, 3)])
 def test_ghost_batch_norm_without_ghosts_is_batch_norm(shape):
-    ours, theirs = norms.GhostBatchNorm(5), nn.BatchNorm2d(5) if len(shape) == 4 else nn.BatchNorm1d(5)
+    ours, theirs = norm.GhostBatchNorm(5), nn.BatchNorm2d(5) if len(shape) == 4 else nn.BatchNorm1d(5)
     _compare(ours, theirs, shape, steps=4, same_repr=False)
 
 
 def test_ghost_groups_are_independent_batch_norms():
     x = torch.randn(12, 5, 2)
-    out = norms.GhostBatchNorm(5, ghost_size=4).train()(x)
+    out = norm.GhostBatchNorm(5, ghost_size=4).train()(x)
     for chunk, o in zip(x.split(4), out.split(4)):
         _close(o, nn.functional.batch_norm(chunk, None, None, training=True))
 
 
 def test_renorm_with_unit_limits_is_batch_norm():
     torch.manual_seed(0)
-    brn, bn = norms.BatchRenorm(5, momentum=0.1, rmax=1.0, dmax=0.0), nn.BatchNorm1d(5)
+    brn, bn = norm.BatchRenorm(5, momentum=0.1, rmax=1.0, dmax=0.0), nn.BatchNorm1d(5)
     _compare(brn, bn, (16, 5), steps=4, same_repr=False)
 
 
 def test_renorm_schedule():
-    brn = norms.BatchRenorm(3, rmax=3.0, dmax=5.0, warmup_steps=10, ramp_steps=20)
+    brn = norm.BatchRenorm(3, rmax=3.0, dmax=5.0, warmup_steps=10, ramp_steps=20)
     assert brn.limits(0) == (1.0, 0.0) and brn.limits(9) == (1.0, 0.0)
     assert brn.limits(20) == pytest.approx((2.0, 2.5))
     assert brn.limits(30) == (3.0, 5.0) and brn.limits(1000) == (3.0, 5.0)
-    assert norms.BatchRenorm(3, warmup_steps=2).limits(2) == (3.0, 5.0)
+    assert norm.BatchRenorm(3, warmup_steps=2).limits(2) == (3.0, 5.0)
 
 
 def test_renorm_unclipped_equals_running_statistics():
     """With wide limits, training output = (x - running mean) / running std, with BN's gradient to weight/bias."""
-    brn = norms.BatchRenorm(4, rmax=1e6, dmax=1e6)
+    brn = norm.BatchRenorm(4, rmax=1e6, dmax=1e6)
     with torch.no_grad():
         brn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
         brn.running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
@@ -213,7 +213,7 @@ def test_renorm_unclipped_equals_running_statistics():
 
 
 def test_renorm_clips_and_blocks_gradient_through_r_d():
-    brn = norms.BatchRenorm(2, rmax=2.0, dmax=0.5, momentum=0.0)
+    brn = norm.BatchRenorm(2, rmax=2.0, dmax=0.5, momentum=0.0)
     x = (torch.randn(64, 2) * 10 + 3).requires_grad_()  # far from the running (0, 1)
     out = brn.train()(x)
     x_hat = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + brn.eps)
@@ -225,7 +225,7 @@ def test_renorm_clips_and_blocks_gradient_through_r_d():
 
 
 def test_renorm_running_stats_and_eval():
-    brn = norms.BatchRenorm(3, momentum=0.2, ghost_size=4)
+    brn = norm.BatchRenorm(3, momentum=0.2, ghost_size=4)
     x = torch.randn(8, 3, 5) * 2 + 1
     brn.train()(x)
     groups = x.reshape(2, 4, 3, 5)
@@ -241,9 +241,9 @@ def test_renorm_running_stats_and_eval():
 @pytest.mark.parametrize("method", ["batch", "ghost", "renorm", "group", "layer", "rms"])
 def test_factory_builds_models(method):
     kw = {"ghost_size": 4} if method == "ghost" else {}
-    net = bnlib.models.mlp([6, 8, 3], norm=norms.factory(method, **kw))
+    net = bnlib.lab.models.mlp([6, 8, 3], norm=norm.factory(method, **kw))
     assert net(torch.randn(8, 6)).shape == (8, 3)
     if method != "rms":
         kw = {"num_groups": 4} if method == "group" else kw
-        cnn = bnlib.models.small_cnn(1, 3, (8,), 8, norm=norms.factory(method, spatial=True, **kw))
+        cnn = bnlib.lab.models.small_cnn(1, 3, (8,), 8, norm=norm.factory(method, spatial=True, **kw))
         assert cnn(torch.randn(8, 1, 8, 8)).shape == (8, 3)

@@ -1,4 +1,4 @@
-"""bnlib.population: momentum conventions, PreciseBN (Algorithm 2), freezing, batch-statistics evaluation."""
+"""bnlib.norm.population: momentum conventions, PreciseBN (Algorithm 2), freezing, batch-statistics evaluation."""
 
 import copy
 import math
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import bnlib
-from bnlib import models
-from bnlib import population as P
+from bnlib.lab import models
+from bnlib.norm import population as P
 
 torch.set_num_threads(1)
 

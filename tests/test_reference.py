@@ -1,12 +1,12 @@
-"""bnlib.reference: forward values, gradient checks, the two backward passes, bad input."""
+"""bnlib.norm.reference: forward values, gradient checks, the two backward passes, bad input."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnlib import reference as ref
-from bnlib.gradcheck import numeric_gradient, numeric_jacobian, rel_error
+from bnlib.lab.gradcheck import numeric_gradient, numeric_jacobian, rel_error
+from bnlib.norm import reference as ref
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
-"""bnlib.report: rounding helpers and tables."""
+"""bnlib.present.report: rounding helpers and tables."""
 
 import math
 
 import pytest
 
-from bnlib.report import Table, bound, upper_decade
+from bnlib.present.report import Table, bound, upper_decade
 
 
 @pytest.mark.parametrize("x, expected", [(2.4e-7, 1e-6), (1e-6, 1e-6), (0.99, 1.0), (-3e-3, 1e-2), (0.0, 0.0)])
@@ -44,20 +44,20 @@ def test_glue_stores_plain_python_numbers(monkeypatch):
     import numpy as np
     import torch
 
-    import bnlib.report
+    import bnlib.present.report
 
     stored = {}
     monkeypatch.setattr("myst_nb.glue", lambda name, value, display=False: stored.__setitem__(name, value))
-    bnlib.report.glue("a", np.float64(0.25))
-    bnlib.report.glue("b", torch.tensor(3))
-    bnlib.report.glue("c", 0.1234567891)
-    bnlib.report.glue("d", float("inf"))
+    bnlib.present.report.glue("a", np.float64(0.25))
+    bnlib.present.report.glue("b", torch.tensor(3))
+    bnlib.present.report.glue("c", 0.1234567891)
+    bnlib.present.report.glue("d", float("inf"))
     assert repr(stored["a"]) == "0.25" and repr(stored["b"]) == "3"
     assert stored["c"] == 0.123457 and stored["d"] == float("inf")
 
 
 class _Display:
-    """Captures what bnlib.report.glue sends to IPython's display for a value with a tolerance."""
+    """Captures what bnlib.present.report.glue sends to IPython's display for a value with a tolerance."""
 
     def __init__(self, monkeypatch):
         import IPython.display
@@ -73,22 +73,22 @@ class _Display:
 
 
 def test_glue_with_a_tolerance_stores_it_beside_the_value(monkeypatch):
-    import bnlib.report
+    import bnlib.present.report
 
     shown = _Display(monkeypatch)
-    bnlib.report.glue("acc", 0.91234567, tol=0.02)
+    bnlib.present.report.glue("acc", 0.91234567, tol=0.02)
     data, meta = shown.by_name()["acc"]
     assert data == {"application/papermill.record/text/plain": "0.912346"}
     assert meta["bnbook"] == {"tolerance": 0.02} and meta["scrapbook"]["mime_prefix"] == "application/papermill.record/"
 
 
 def test_glue_of_a_spread_stores_mean_and_range_with_the_range_as_tolerance(monkeypatch):
-    import bnlib.report
-    from bnlib.seeds import Spread
+    import bnlib.present.report
+    from bnlib.lab.seeds import Spread
 
     shown = _Display(monkeypatch)
-    bnlib.report.glue("acc", Spread.of([0.90, 0.93, 0.92]))
-    bnlib.report.glue("steps", Spread.of([200, 200, 200]), resolution=20)
+    bnlib.present.report.glue("acc", Spread.of([0.90, 0.93, 0.92]))
+    bnlib.present.report.glue("steps", Spread.of([200, 200, 200]), resolution=20)
     got = shown.by_name()
     assert got["acc"][0]["application/papermill.record/text/plain"] == "0.916667"
     assert got["acc-min"][0]["application/papermill.record/text/plain"] == "0.9"
@@ -99,7 +99,7 @@ def test_glue_of_a_spread_stores_mean_and_range_with_the_range_as_tolerance(monk
 
 @pytest.mark.parametrize("tol", [-1.0, float("nan"), float("inf")])
 def test_glue_rejects_a_bad_tolerance(tol):
-    import bnlib.report
+    import bnlib.present.report
 
     with pytest.raises(ValueError, match="tol"):
-        bnlib.report.glue("x", 1.0, tol=tol)
+        bnlib.present.report.glue("x", 1.0, tol=tol)

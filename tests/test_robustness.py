@@ -1,7 +1,7 @@
 """Robustness of bnlib under bad input and hard numerics, against torch and a float64 reference.
 
-The matrix: bnlib.reference (NumPy), bnlib.functional (eager; the compiled backend where noted),
-bnlib.BatchNorm1d/2d, and the alternative norms of bnlib.norms, each against its torch.nn
+The matrix: bnlib.norm.reference (NumPy), bnlib.norm.functional (eager; the compiled backend where noted),
+bnlib.BatchNorm1d/2d, and the alternative norms of bnlib.norm, each against its torch.nn
 counterpart, under:
 
 - wrong number of dimensions, channel mismatch, non-float input, an empty batch, one value per
@@ -31,15 +31,16 @@ from hypothesis import strategies as st
 from torch import nn
 
 import bnlib
-from bnlib import compiled, norms
-from bnlib import functional as F
-from bnlib import reference as ref
+from bnlib import norm
+from bnlib.norm import compiled
+from bnlib.norm import functional as F
+from bnlib.norm import reference as ref
 
 torch.set_num_threads(1)
 
 DIFFERENCES_FROM_TORCH = {
     "channel mismatch": "bnlib raises ValueError naming the expected channels; torch raises RuntimeError",
-    "fewer than 2 dimensions": "bnlib.functional raises ValueError; torch raises IndexError or RuntimeError",
+    "fewer than 2 dimensions": "bnlib.norm.functional raises ValueError; torch raises IndexError or RuntimeError",
     "non-float input": "bnlib raises ValueError; torch raises NotImplementedError",
     "eps = 0 in training": "bnlib accepts it (the book uses it for exact identities); torch raises ValueError",
     "mixed dtypes": "bnlib casts weight/bias/buffers to the compute dtype; torch's CPU kernel raises RuntimeError",
@@ -58,11 +59,11 @@ def _close(a, b, tol=1e-5, equal_nan=False):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=equal_nan)
 
 
-# -- float64 reference (bnlib.reference in NumPy) -------------------------------------------------
+# -- float64 reference (bnlib.norm.reference in NumPy) -------------------------------------------------
 
 
 def reference64(x: torch.Tensor, weight, bias, dy=None, eps: float = 1e-5):
-    """Training-mode output (and dx, dweight, dbias for ``dy``) of x's values in float64, by bnlib.reference."""
+    """Training-mode output (and dx, dweight, dbias for ``dy``) of x's values in float64, by bnlib.norm.reference."""
     xd = x.detach().double().cpu()
     c = xd.shape[1]
     w = np.ones(c) if weight is None else weight.detach().double().cpu().numpy()
@@ -689,22 +690,22 @@ def test_property_reference_float32_matches_float64(n, d, log_scale, rel_offset,
     np.testing.assert_allclose(dx, edx, rtol=tol, atol=tol * size)
 
 
-# -- 10. the alternative norms (bnlib.norms) against torch.nn ------------------------------------
+# -- 10. the alternative norms (bnlib.norm) against torch.nn ------------------------------------
 
 NORMS = {
     # name: (bnlib layer, torch layer, input shape)
-    "LayerNorm": (lambda: norms.LayerNorm([4, 5]), lambda: nn.LayerNorm([4, 5]), (6, 3, 4, 5)),
-    "GroupNorm": (lambda: norms.GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
-    "InstanceNorm1d": (lambda: norms.InstanceNorm1d(4), lambda: nn.InstanceNorm1d(4), (6, 4, 5)),
+    "LayerNorm": (lambda: norm.LayerNorm([4, 5]), lambda: nn.LayerNorm([4, 5]), (6, 3, 4, 5)),
+    "GroupNorm": (lambda: norm.GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
+    "InstanceNorm1d": (lambda: norm.InstanceNorm1d(4), lambda: nn.InstanceNorm1d(4), (6, 4, 5)),
     "InstanceNorm2d": (
-        lambda: norms.InstanceNorm2d(4, affine=True, track_running_stats=True),
+        lambda: norm.InstanceNorm2d(4, affine=True, track_running_stats=True),
         lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
         (6, 4, 3, 3),
     ),
-    "RMSNorm": (lambda: norms.RMSNorm(5, eps=1e-6), lambda: nn.RMSNorm(5, eps=1e-6), (6, 3, 5)),
-    "GhostBatchNorm": (lambda: norms.GhostBatchNorm(4), lambda: nn.BatchNorm2d(4), (6, 4, 3, 3)),
+    "RMSNorm": (lambda: norm.RMSNorm(5, eps=1e-6), lambda: nn.RMSNorm(5, eps=1e-6), (6, 3, 5)),
+    "GhostBatchNorm": (lambda: norm.GhostBatchNorm(4), lambda: nn.BatchNorm2d(4), (6, 4, 3, 3)),
     "BatchRenorm (r=1, d=0)": (
-        lambda: norms.BatchRenorm(4, momentum=0.1, rmax=1.0, dmax=0.0),
+        lambda: norm.BatchRenorm(4, momentum=0.1, rmax=1.0, dmax=0.0),
         lambda: nn.BatchNorm2d(4),
         (6, 4, 3, 3),
     ),
@@ -869,7 +870,7 @@ def test_norms_empty_batch_behaves_as_torch(name, training):
 def test_differs_instance_norm_empty_batch_keeps_running_statistics(training, affine):
     """torch raises IndexError with affine parameters, and training sets the running statistics to NaN
     (the mean over no instances); bnlib returns the empty output and leaves them as they are."""
-    ours = norms.InstanceNorm2d(4, affine=affine, track_running_stats=True).train(training)
+    ours = norm.InstanceNorm2d(4, affine=affine, track_running_stats=True).train(training)
     theirs = nn.InstanceNorm2d(4, affine=affine, track_running_stats=True).train(training)
     x = torch.randn(0, 4, 3, 3)
     assert ours(x).shape == x.shape
@@ -892,7 +893,7 @@ def test_norms_instance_norm_over_one_position_is_an_error_as_in_torch(cls, shap
     statistics are used (training, or eval without running statistics); eval with running statistics is legal."""
     d = 1 if cls == "InstanceNorm1d" else 2
     x = torch.randn(*shape, *(1,) * d)
-    ours = getattr(norms, cls)(4, affine=True, track_running_stats=track).train(training)
+    ours = getattr(norm, cls)(4, affine=True, track_running_stats=track).train(training)
     theirs = getattr(nn, cls)(4, affine=True, track_running_stats=track).train(training)
     if training or not track:
         with pytest.raises(ValueError, match="more than 1 spatial element"):

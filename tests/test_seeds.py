@@ -1,10 +1,10 @@
-"""bnlib.seeds: the multi-seed runner and the spread chapters report."""
+"""bnlib.lab.seeds: the multi-seed runner and the spread chapters report."""
 
 import math
 
 import pytest
 
-from bnlib.seeds import Spread, default_seeds, over_seeds
+from bnlib.lab.seeds import Spread, default_seeds, over_seeds
 
 
 def test_over_seeds_runs_each_seed_once_in_order_and_keeps_every_result():

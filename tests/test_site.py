@@ -265,7 +265,7 @@ def test_figures_follow_the_book_style(notebook):
             problems.append(f"{where}: {len(png) // 1000} kB PNG (light PNGs: at most {MAX_PNG_BYTES // 1000} kB)")
         dpi = image.info.get("dpi", (0, 0))[0]
         if round(dpi) != BOOK_DPI:
-            problems.append(f"{where}: {dpi:.0f} dpi, not the book's {BOOK_DPI} (bnlib.plots.use_book_style())")
+            problems.append(f"{where}: {dpi:.0f} dpi, not the book's {BOOK_DPI} (bnlib.present.plots.use_book_style())")
         rgba = image.convert("RGBA")
         w, h = rgba.size
         corners = [rgba.getpixel(p) for p in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]
@@ -275,7 +275,7 @@ def test_figures_follow_the_book_style(notebook):
         defaults = {f"#{r:02X}{g:02X}{b:02X}": counts.get((r, g, b), 0) for r, g, b in MATPLOTLIB_DEFAULT_COLOURS}
         defaults = {c: n for c, n in defaults.items() if n >= 100}
         if defaults:
-            problems.append(f"{where}: matplotlib's default colours {defaults} (use bnlib.plots.PLAIN / BN)")
+            problems.append(f"{where}: matplotlib's default colours {defaults} (use bnlib.present.plots.PLAIN / BN)")
     assert not problems, "\n".join(problems)
 
 
@@ -339,7 +339,7 @@ def _seen_as(hex_colour: str, kind: str | None):
 
 @pytest.mark.parametrize("kind", [None, *COLOUR_BLINDNESS])
 def test_with_and_without_bn_colours_stay_apart_for_colour_blind_readers(kind):
-    from bnlib import plots
+    from bnlib.present import plots
 
     a, b = _seen_as(plots.PLAIN, kind), _seen_as(plots.BN, kind)
     delta_e = sum((p - q) ** 2 for p, q in zip(a, b)) ** 0.5
@@ -365,7 +365,8 @@ def test_execution_records_feed_the_status_page(tmp_path):
         nbformat.v4.new_markdown_cell("# A chapter"),
         nbformat.v4.new_code_cell("x = sum(range(10))\nx"),
         nbformat.v4.new_code_cell(
-            "from bnlib.seeds import over_seeds\nruns = over_seeds(lambda s: s)\n_ = over_seeds(lambda s: s, [4, 5])"
+            "from bnlib.lab.seeds import over_seeds\nruns = over_seeds(lambda s: s)\n"
+            "_ = over_seeds(lambda s: s, [4, 5])"
         ),
     ]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -1,13 +1,13 @@
-"""bnlib.sweeps (learning-rate and initialization sweeps) and bnlib.models.he_init_."""
+"""bnlib.lab.sweeps (learning-rate and initialization sweeps) and bnlib.lab.models.he_init_."""
 
 import numpy as np
 import pytest
 import torch
 
 import bnlib
-from bnlib import models, sweeps
-from bnlib.data import Split
-from bnlib.seeds import default_seeds
+from bnlib.lab import models, sweeps
+from bnlib.lab.data import Split
+from bnlib.lab.seeds import default_seeds
 
 
 def _split(seed=0):

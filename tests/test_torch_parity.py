@@ -1,4 +1,4 @@
-"""bnlib.functional and bnlib's modules against torch.nn: values, gradients, running statistics."""
+"""bnlib.norm.functional and bnlib's modules against torch.nn: values, gradients, running statistics."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnlib
-from bnlib import functional as F
+from bnlib.norm import functional as F
 
 torch.set_num_threads(1)
 
@@ -146,7 +146,7 @@ def test_property_matches_float64_reference(n, c, hw, scale, offset, seed):
     x64 = torch.randn(n, c, hw, hw, generator=g, dtype=torch.float64) * scale + offset
     x = x64.float()
     ours = F.batch_norm(x, None, None, training=True)
-    exact, _ = bnlib.reference.spatial_batchnorm_forward(x.double().numpy(), [1.0] * c, [0.0] * c)
+    exact, _ = bnlib.norm.reference.spatial_batchnorm_forward(x.double().numpy(), [1.0] * c, [0.0] * c)
     # float32 rounding of the input itself limits what any implementation can get (|offset|/scale)
     tol = 1e-4 * (1 + abs(offset) / scale)
     torch.testing.assert_close(ours.double(), torch.from_numpy(exact), rtol=tol, atol=tol)

@@ -1,4 +1,4 @@
-"""bnlib.training and bnlib.measure."""
+"""bnlib.lab.training and bnlib.lab.measure."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bnlib
-from bnlib import measure, models, training
+from bnlib.lab import measure, models, training
 
 
 def _toy(n=120, d=6, classes=3, seed=0):

@@ -1,4 +1,4 @@
-"""bnlib.widgets: frames, linked slider, per-layer histograms."""
+"""bnlib.present.widgets: frames, linked slider, per-layer histograms."""
 
 import matplotlib
 
@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from bnlib import widgets  # noqa: E402
+from bnlib.present import widgets  # noqa: E402
 
 
 def _png():

@@ -5,14 +5,14 @@ Five implementations of the same layer, timed in the same run so that their rati
 ``native``
     ``torch.nn.functional.batch_norm``: PyTorch's fused kernel (C++ on a CPU, CUDA on a GPU).
 ``bnlib``
-    :func:`bnlib.functional.batch_norm`: a custom autograd Function with the compact backward.
+    :func:`bnlib.norm.functional.batch_norm`: a custom autograd Function with the compact backward.
 ``compiled``
-    the same formulas through ``torch.compile`` (``backend="compiled"``, :mod:`bnlib.compiled`).
+    the same formulas through ``torch.compile`` (``backend="compiled"``, :mod:`bnlib.norm.compiled`).
 ``from ops``
     batch norm written with plain tensor operations, differentiated by autograd node by node
     (the from-scratch version of d2l's chapter, :func:`batch_norm_from_ops`).
 ``numpy``
-    :mod:`bnlib.reference` (NumPy forward and backward, on the CPU only).
+    :mod:`bnlib.norm.reference` (NumPy forward and backward, on the CPU only).
 
 Batch norm does a few operations per element, so its time is set by how many bytes it moves, not by
 arithmetic. A training step (forward and backward) must read the input at least twice (statistics,
@@ -39,8 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import benchmark
 
-from bnlib import compiled, reference
-from bnlib import functional as F
+from bnlib.norm import compiled, reference
+from bnlib.norm import functional as F
 
 __all__ = [
     "CONV_SHAPES",
@@ -145,14 +145,14 @@ def _train_forward(impl: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
 def _numpy_step(mode, x, dy, gamma, beta, mean, var):
     if mode == "eval":
         if x.ndim != 2:
-            raise ValueError("bnlib.reference has evaluation mode for (N, D) input only")
+            raise ValueError("bnlib.norm.reference has evaluation mode for (N, D) input only")
         return lambda: reference.batchnorm_inference(x, mean, var, gamma, beta)
     if x.ndim == 4:
         forward, backward = reference.spatial_batchnorm_forward, reference.spatial_batchnorm_backward
     elif x.ndim == 2:
         forward, backward = reference.batchnorm_forward, reference.batchnorm_backward
     else:
-        raise ValueError(f"bnlib.reference handles (N, D) and (N, C, H, W) input, got {x.ndim}D")
+        raise ValueError(f"bnlib.norm.reference handles (N, D) and (N, C, H, W) input, got {x.ndim}D")
 
     def step():
         _, cache = forward(x, gamma, beta)
@@ -316,13 +316,13 @@ def fold_speedup(
     rounds: int = 10,
     threads: int = 1,
 ) -> dict[str, float]:
-    """Evaluation-mode conv followed by BN against the conv with BN folded into it (bnlib.fusion).
+    """Evaluation-mode conv followed by BN against the conv with BN folded into it (bnlib.norm.fusion).
 
     Returns median seconds of ``conv+bn`` and ``folded``, their ratio ``speedup``, and ``max_diff``,
     the largest difference of the two outputs. ``groups=channels`` gives a depthwise convolution,
     whose cost is of the same order as BN's pass over memory.
     """
-    from bnlib.fusion import fuse_conv_bn
+    from bnlib.norm.fusion import fuse_conv_bn
 
     g = torch.Generator().manual_seed(0)
     conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False)

@@ -2,7 +2,7 @@
 
 Every function leaves the model as it found it: training/eval mode, parameters, buffers (BN's
 running statistics) and ``.grad`` fields are unchanged, so measurements can be taken in the
-middle of training (see :mod:`bnlib.training`). Everything is vectorized over units and examples.
+middle of training (see :mod:`bnlib.lab.training`). Everything is vectorized over units and examples.
 """
 
 from __future__ import annotations

@@ -24,9 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bnlib.functional import batch_norm as bnlib_batch_norm
-from bnlib.fusion import is_batch_norm
-from bnlib.modules import _BatchNorm
+from bnlib.norm.functional import batch_norm as bnlib_batch_norm
+from bnlib.norm.modules import BatchNormBase, is_batch_norm
 
 __all__ = [
     "CONVENTIONS",
@@ -178,7 +177,7 @@ def _group_statistics_forward(bn: nn.Module, size: int):
     normalized by the layer's own functional form (bnlib's for bnlib's layers, torch's for torch's)
     in training mode without running buffers, with gamma and beta repeated for every group.
     """
-    norm = bnlib_batch_norm if isinstance(bn, _BatchNorm) else F.batch_norm
+    norm = bnlib_batch_norm if isinstance(bn, BatchNormBase) else F.batch_norm
 
     def forward(x: Tensor) -> Tensor:
         n, c = x.shape[:2]

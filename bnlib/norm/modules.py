@@ -1,5 +1,5 @@
 """``BatchNorm1d``, ``BatchNorm2d`` and ``BatchNorm3d``: drop-in replacements for torch.nn's, built on
-bnlib.functional.
+bnlib.norm.functional.
 
 Same constructor arguments, parameter and buffer names, train/eval behaviour and state_dict
 layout as ``torch.nn.BatchNorm1d/2d/3d``, so either loads the other's state_dict, including
@@ -11,17 +11,43 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bnlib import functional as F
+from bnlib.norm import functional as F
+from bnlib.norm.channels import channel_shape
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]  # _NormBase is shared with bnlib.norms and bnlib.distributed
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormBase",
+    "NormBase",
+    "is_batch_norm",
+    "normalize_with_running_stats",
+]
 
 
-class _NormBase(nn.Module):
+def is_batch_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a batch-norm layer: bnlib's (synchronized included) or torch.nn's."""
+    return isinstance(module, (BatchNormBase, nn.modules.batchnorm._BatchNorm))
+
+
+def normalize_with_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """(x - running_mean) / sqrt(running_var + eps) per channel of an (N, C, *) tensor, no affine."""
+    shape = channel_shape(x)
+    return (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+
+
+class NormBase(nn.Module):
     """Per-channel parameters (``weight``, ``bias``) and running statistics (``running_mean``,
     ``running_var``, ``num_batches_tracked``), laid out as in torch.nn; shared by every layer in
-    bnlib that normalizes per channel (batch norm here, instance norm and batch renorm in
-    :mod:`bnlib.norms`, synchronized batch norm in :mod:`bnlib.distributed`).
+    bnlib that normalizes per channel (batch norm here, instance norm in :mod:`bnlib.norm.per_sample`,
+    batch renorm in :mod:`bnlib.norm.renorm`, synchronized batch norm in :mod:`bnlib.norm.sync`).
+
+    ``eps`` must be positive, as torch.nn requires in training; a subclass that sets
+    :attr:`allows_zero_eps` accepts 0 (exact identities in the book's experiments).
     """
+
+    #: whether eps = 0 is accepted (torch.nn refuses it; see bnlib.lab.invariance.ExactBatchNorm1d)
+    allows_zero_eps: bool = False
 
     # state_dict format: version 2 added num_batches_tracked (as in torch.nn)
     _version = 2
@@ -43,8 +69,8 @@ class _NormBase(nn.Module):
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        if eps < 0:
-            raise ValueError(f"eps must be non-negative, got {eps}")
+        if not (eps > 0 or (eps == 0 and self.allows_zero_eps)):
+            raise ValueError(f"eps must be positive, got {eps}")
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
@@ -101,7 +127,7 @@ class _NormBase(nn.Module):
         )
 
 
-class _BatchNorm(_NormBase):
+class BatchNormBase(NormBase):
     r"""Shared base: parameters, buffers and the forward pass; subclasses only check dimensions.
 
     .. math::
@@ -124,17 +150,19 @@ class _BatchNorm(_NormBase):
         bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
     """
 
-    _expected_dims: tuple[int, ...] = ()
-
+    #: the input dimensions a subclass accepts; None: any (N, C, *) input
+    input_dims: tuple[int, ...] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in self._expected_dims:
-            expected = " or ".join(f"{d}D" for d in self._expected_dims)
+        if self.input_dims is not None and input.dim() not in self.input_dims:
+            expected = " or ".join(f"{d}D" for d in self.input_dims)
             raise ValueError(f"expected {expected} input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         F.check_batch_norm_input(input, self.num_features)
+        if self.training and not (self.eps > 0 or (self.eps == 0 and self.allows_zero_eps)):
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -156,31 +184,31 @@ class _BatchNorm(_NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
-    """Batch normalization over (N, C) or (N, C, L) input; see :class:`_BatchNorm`.
+class BatchNorm1d(BatchNormBase):
+    """Batch normalization over (N, C) or (N, C, L) input; see :class:`BatchNormBase`.
 
     Shape:
         Input: (N, C) or (N, C, L). Output: same shape as the input.
     """
 
-    _expected_dims = (2, 3)
+    input_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
-    """Batch normalization over (N, C, H, W) input, per channel over N*H*W values; see :class:`_BatchNorm`.
+class BatchNorm2d(BatchNormBase):
+    """Batch normalization over (N, C, H, W) input, per channel over N*H*W values; see :class:`BatchNormBase`.
 
     Shape:
         Input: (N, C, H, W). Output: same shape as the input.
     """
 
-    _expected_dims = (4,)
+    input_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
-    """Batch normalization over (N, C, D, H, W) input, per channel over N*D*H*W values; see :class:`_BatchNorm`.
+class BatchNorm3d(BatchNormBase):
+    """Batch normalization over (N, C, D, H, W) input, per channel over N*D*H*W values; see :class:`BatchNormBase`.
 
     Shape:
         Input: (N, C, D, H, W). Output: same shape as the input.
     """
 
-    _expected_dims = (5,)
+    input_dims = (5,)

@@ -16,12 +16,13 @@ a new seed (new initialization *and* new mini-batches) does.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from bnlib.lab.scale import full_scale
 
 __all__ = ["QUICK_SEEDS", "FULL_SEEDS", "SeedRuns", "Spread", "default_seeds", "over_seeds", "seeds_used"]
 
@@ -48,7 +49,7 @@ def default_seeds(quick: int = QUICK_SEEDS, full: int = FULL_SEEDS) -> list[int]
     """Seeds 0, 1, ... : ``quick`` of them by default, ``full`` when ``BNBOOK_SCALE=full``."""
     if quick < 1 or full < quick:
         raise ValueError(f"need 1 <= quick <= full, got quick={quick}, full={full}")
-    return list(range(full if os.environ.get("BNBOOK_SCALE", "") == "full" else quick))
+    return list(range(full if full_scale() else quick))
 
 
 @dataclass(frozen=True)

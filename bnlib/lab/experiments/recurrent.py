@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from bnlib.modules import BatchNorm1d
-from bnlib.norms import LayerNorm
+from bnlib.norm import LayerNorm
+from bnlib.norm.modules import BatchNorm1d
 
 __all__ = ["NORMS", "rows_as_sequences", "prepend_blank", "NormRNN", "train_rnn", "error_rate", "real_per_step"]
 
@@ -60,7 +60,7 @@ class NormRNN(nn.Module):
             the number of hidden units (default ``bnlib.BatchNorm1d``; ``torch.nn.BatchNorm1d``
             computes the same to float rounding and costs less per call at small sizes).
         layer_norm: the layer-normalization layer for ``"layer"``, likewise (default
-            ``bnlib.norms.LayerNorm``; or ``torch.nn.LayerNorm``).
+            ``bnlib.norm.LayerNorm``; or ``torch.nn.LayerNorm``).
     """
 
     def __init__(

@@ -302,7 +302,7 @@ def landscape_recorder(
     ics: bool = True,
     layers: Sequence[str] | None = None,
 ) -> Callable[[object], dict[str, object]]:
-    """A recorder for :func:`bnlib.training.train` that probes the landscape where training stands.
+    """A recorder for :func:`bnlib.lab.training.train` that probes the landscape where training stands.
 
     At each record step it runs :func:`probe_along_gradient` on the batch the model trains on next,
     with step sizes ``lr * multipliers``, and (``ics=True``) :func:`internal_covariate_shift` with

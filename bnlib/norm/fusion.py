@@ -23,17 +23,12 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from bnlib.modules import _BatchNorm
+from bnlib.norm.modules import is_batch_norm
 
-__all__ = ["fold_weights", "fuse_conv_bn", "fuse_linear_bn", "fuse_model", "is_batch_norm"]
+__all__ = ["fold_weights", "fuse_conv_bn", "fuse_linear_bn", "fuse_model"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def is_batch_norm(module: nn.Module) -> bool:
-    """True for torch.nn's and bnlib's BatchNorm layers (1d, 2d, 3d)."""
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, _BatchNorm))
 
 
 def fold_weights(

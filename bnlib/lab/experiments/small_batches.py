@@ -1,6 +1,6 @@
 """Batches that are small or not i.i.d.: the experiments behind the limitations chapter.
 
-- :func:`run` trains ``bnlib.models.mlp`` with one normalization method (:func:`bnlib.norms.factory`)
+- :func:`run` trains ``bnlib.lab.models.mlp`` with one normalization method (:func:`bnlib.norm.factory`)
   on i.i.d. batches or on class-sorted batches (:func:`class_sorted_batches`, every batch holds one
   class), with SGD, momentum 0.9, weight decay and a cosine learning-rate schedule, and returns
   the test error. Small normalization batches come from ghost batches (``method="ghost"`` or
@@ -8,7 +8,7 @@
   number of steps do not change with the normalization batch size.
 - :func:`as_batch_norm` turns ghost-batch or renormalization layers into ordinary BN layers with
   the same parameters and running statistics (evaluation is identical), so that
-  :func:`bnlib.population.recompute_statistics` can recompute their population statistics.
+  :func:`bnlib.norm.population.recompute_statistics` can recompute their population statistics.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from bnlib import norms
-from bnlib.data import Split
-from bnlib.measure import evaluate
-from bnlib.models import mlp
-from bnlib.modules import BatchNorm1d, BatchNorm2d
+from bnlib import norm
+from bnlib.lab.data import Split
+from bnlib.lab.measure import evaluate
+from bnlib.lab.models import mlp
+from bnlib.norm.modules import BatchNormBase
 
 __all__ = ["iid_batches", "class_sorted_batches", "fit", "run", "as_batch_norm"]
 
@@ -95,7 +95,7 @@ def run(
     seed: int = 0,
     **norm_kwargs,
 ) -> tuple[float, nn.Module]:
-    """Train an MLP with normalization ``method`` (see :func:`bnlib.norms.factory`; None: none) and
+    """Train an MLP with normalization ``method`` (see :func:`bnlib.norm.factory`; None: none) and
     return ``(test error, trained model)``.
 
     ``order``: "iid" (shuffled batches) or "sorted" (:func:`class_sorted_batches`). The
@@ -104,8 +104,8 @@ def run(
     """
     if order not in ("iid", "sorted"):
         raise ValueError(f"order must be 'iid' or 'sorted', got {order!r}")
-    norm = None if method is None else norms.factory(method, **norm_kwargs)
-    model = mlp(list(sizes), "relu", norm, generator=torch.Generator().manual_seed(seed)).to(data.x_train.device)
+    layer = None if method is None else norm.factory(method, **norm_kwargs)
+    model = mlp(list(sizes), "relu", layer, generator=torch.Generator().manual_seed(seed)).to(data.x_train.device)
     g = torch.Generator().manual_seed(seed + 1)
     if order == "iid":
         batches = iid_batches(len(data.x_train), batch_size, epochs, g)
@@ -118,15 +118,15 @@ def run(
 
 
 def as_batch_norm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in which every :class:`bnlib.norms.BatchRenorm` (and so every
-    :class:`~bnlib.norms.GhostBatchNorm`) is replaced by a bnlib batch-norm layer with the same
+    """A copy of ``model`` in which every :class:`bnlib.norm.BatchRenorm` (and so every
+    :class:`~bnlib.norm.GhostBatchNorm`) is replaced by a bnlib batch-norm layer with the same
     parameters and running statistics: evaluation is unchanged, and
-    :func:`bnlib.population.recompute_statistics` recognizes the new layers."""
+    :func:`bnlib.norm.population.recompute_statistics` recognizes the new layers."""
     model = copy.deepcopy(model)
 
     def convert(module: nn.Module) -> nn.Module:
-        if isinstance(module, norms.BatchRenorm):
-            bn = _AnyBatchNorm(module.num_features, module.eps, module.momentum, module.affine)
+        if isinstance(module, norm.BatchRenorm):
+            bn = BatchNormBase(module.num_features, module.eps, module.momentum, module.affine)
             bn.load_state_dict(module.state_dict())
             return bn.train(module.training)
         for name, child in module.named_children():
@@ -134,9 +134,3 @@ def as_batch_norm(model: nn.Module) -> nn.Module:
         return module
 
     return convert(model)
-
-
-class _AnyBatchNorm(BatchNorm1d):
-    """bnlib's batch normalization for (N, C), (N, C, L) or (N, C, H, W) input."""
-
-    _expected_dims = BatchNorm1d._expected_dims + BatchNorm2d._expected_dims

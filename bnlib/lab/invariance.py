@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bnlib.modules import _BatchNorm
+from bnlib.norm.modules import BatchNorm1d, is_batch_norm
 
 __all__ = [
+    "ExactBatchNorm1d",
     "invariant_weights",
     "non_invariant_parameters",
     "row_norms",
@@ -41,15 +42,26 @@ __all__ = [
     "equilibrium_angular_update",
 ]
 
-_NORMS = (_BatchNorm, nn.modules.batchnorm._BatchNorm)
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class ExactBatchNorm1d(BatchNorm1d):
+    """``bnlib.BatchNorm1d`` with ``eps = 0`` by default: the scale-invariance identities above hold
+    exactly (to rounding) rather than up to eps. torch.nn, and ``bnlib.BatchNorm1d``, refuse
+    eps <= 0; this experimental layer accepts 0. Same arguments, shapes and state_dict otherwise.
+    """
+
+    allows_zero_eps = True
+
+    def __init__(self, num_features: int, eps: float = 0.0, **kwargs) -> None:
+        super().__init__(num_features, eps, **kwargs)
 
 
 def invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The weights whose every row feeds a batch-normalized unit: ``(name, parameter)`` pairs.
 
     A Linear or Conv layer counts when the next module of the same ``nn.Sequential`` is a batch
-    normalization layer (bnlib's or torch's), as in :func:`bnlib.models.mlp`. Such a weight is
+    normalization layer (bnlib's or torch's), as in :func:`bnlib.lab.models.mlp`. Such a weight is
     scale-invariant row by row (exactly at eps = 0); its bias, if any, is cancelled by the mean
     subtraction and gets a zero gradient.
     """
@@ -59,7 +71,7 @@ def invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             continue
         children = list(module.named_children())
         for (name, layer), (_, following) in zip(children[:-1], children[1:]):
-            if isinstance(layer, _LINEAR) and isinstance(following, _NORMS):
+            if isinstance(layer, _LINEAR) and is_batch_norm(following):
                 found.append((f"{prefix}.{name}.weight" if prefix else f"{name}.weight", layer.weight))
     return found
 

@@ -2,12 +2,12 @@
 
 :func:`lr_sweep` trains ``build(seed)`` once per learning rate and seed; :func:`init_sweep` trains
 ``build(std, seed)`` once per initialization scale and seed at a fixed learning rate. Both use
-:func:`bnlib.training.train` (plain SGD unless an optimizer factory is given), run the seeds through
-:func:`bnlib.seeds.over_seeds` (by default :func:`bnlib.seeds.default_seeds`) and record test
+:func:`bnlib.lab.training.train` (plain SGD unless an optimizer factory is given), run the seeds through
+:func:`bnlib.lab.seeds.over_seeds` (by default :func:`bnlib.lab.seeds.default_seeds`) and record test
 accuracy and loss every ``record_every`` steps. The :class:`Sweep` they return holds the results as
 arrays indexed ``[seed, setting, record]`` for plotting, with the summaries the chapters report:
 the first step at which a target accuracy is reached, and whether a run trained at all; and
-:meth:`Sweep.spread` turns any per-run summary at one setting into a :class:`bnlib.seeds.Spread`.
+:meth:`Sweep.spread` turns any per-run summary at one setting into a :class:`bnlib.lab.seeds.Spread`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnlib.data import Split
-from bnlib.seeds import Spread, over_seeds
-from bnlib.training import History, Recorder, every, test_metrics, train
+from bnlib.lab.data import Split
+from bnlib.lab.seeds import Spread, over_seeds
+from bnlib.lab.training import History, Recorder, every, test_metrics, train
 
 __all__ = ["Sweep", "lr_sweep", "init_sweep"]
 
@@ -37,7 +37,7 @@ class Sweep:
         accuracy: test accuracy, shape (S, V, R).
         loss: test loss (NaN where the run diverged), shape (S, V, R).
         train_loss: training loss of every update, shape (S, V, steps).
-        histories: the full :class:`bnlib.training.History` of each run, ``histories[s][v]``.
+        histories: the full :class:`bnlib.lab.training.History` of each run, ``histories[s][v]``.
     """
 
     values: np.ndarray
@@ -86,7 +86,7 @@ class Sweep:
         return int(hits[0])
 
     def spread(self, per_run: np.ndarray, value: float | None = None) -> Spread:
-        """Per-seed values as a :class:`~bnlib.seeds.Spread` over this sweep's seeds.
+        """Per-seed values as a :class:`~bnlib.lab.seeds.Spread` over this sweep's seeds.
 
         ``per_run`` is a per-run summary of shape (S, V), such as :meth:`best_accuracy` or
         :meth:`steps_to`, of which ``value`` picks one swept setting; or a per-seed array of
@@ -207,7 +207,7 @@ def init_sweep(
 ) -> Sweep:
     """Train ``build(std, seed)`` (e.g. ``mlp(..., init_std=std)``) for every scale and seed at one ``lr``.
 
-    ``seeds`` None runs :func:`bnlib.seeds.default_seeds`.
+    ``seeds`` None runs :func:`bnlib.lab.seeds.default_seeds`.
     """
     if any(s <= 0 for s in stds):
         raise ValueError(f"initialization scales must be positive, got {list(stds)}")

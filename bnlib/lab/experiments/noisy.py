@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bnlib.norm.modules import is_batch_norm
+
 __all__ = ["NoisyBN", "add_noise", "LpBatchNorm"]
 
 
@@ -91,13 +93,10 @@ def add_noise(
 ) -> nn.Module:
     """Wrap every BN layer of ``model`` (in place) in a :class:`NoisyBN`; returns the model.
 
-    ``types`` are the classes treated as BN (default: bnlib's and torch.nn's BatchNorm1d/2d). Each
+    ``types`` are the classes treated as BN (default: every batch-norm layer, bnlib's or torch.nn's,
+    :func:`bnlib.norm.modules.is_batch_norm`). Each
     wrapper gets its own seed (``seed``, ``seed + 1``, ... in module order).
     """
-    if types is None:
-        from bnlib.modules import BatchNorm1d, BatchNorm2d
-
-        types = (BatchNorm1d, BatchNorm2d, nn.BatchNorm1d, nn.BatchNorm2d)
     count = 0
 
     def visit(parent: nn.Module) -> None:
@@ -105,7 +104,7 @@ def add_noise(
         for name, child in parent.named_children():
             if isinstance(child, NoisyBN):
                 continue
-            if isinstance(child, types):
+            if is_batch_norm(child) if types is None else isinstance(child, types):
                 setattr(parent, name, NoisyBN(child, shift, scale, jitter, seed + count))
                 count += 1
             else:

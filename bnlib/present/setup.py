@@ -1,4 +1,4 @@
-"""Where tensors live and how runs are made repeatable."""
+"""A chapter's setup: where tensors live, how runs are made repeatable, and at which scale."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["pick_device", "seed_everything", "setup"]
+from bnlib.lab.scale import full_scale, scale
+
+__all__ = ["full_scale", "pick_device", "seed_everything", "setup"]
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -27,11 +29,15 @@ def seed_everything(seed: int) -> None:
 def setup(seed: int = 0, threads: int = 1, prefer: str | None = None) -> torch.device:
     """Prepare a chapter: fixed seeds, a fixed number of CPU threads, and the device to use.
 
+    It also checks the scale switch (``BNBOOK_SCALE``; :func:`full_scale` reads it), so that a
+    misspelt value fails here rather than silently running the quick scale.
+
     Float reductions can change with the number of threads, so the book runs with one
     thread by default: stored outputs then match wherever they are re-executed on a CPU.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    scale()
     torch.set_num_threads(threads)
     seed_everything(seed)
     return pick_device(prefer)

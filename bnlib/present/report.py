@@ -6,7 +6,7 @@ CPU (and on CUDA). So what a chapter prints is one of two kinds:
 - **exact**: deterministic mathematics, printed at a precision that does not depend on the last
   bit; a quantity at round-off level is printed as a fixed bound (:func:`bound`), which cannot flip;
 - **measured**: a result of training runs, glued with the tolerance it is compared by
-  (:func:`glue` with ``tol=``, or a :class:`~bnlib.seeds.Spread`, whose tolerance is its seed-to-seed
+  (:func:`glue` with ``tol=``, or a :class:`~bnlib.lab.seeds.Spread`, whose tolerance is its seed-to-seed
   range). Cells that print such results are tagged ``bnbook-measured``: their text is for the
   reader, and the tests compare their glued values within the declared tolerance.
 """
@@ -17,7 +17,7 @@ import html
 import math
 from collections.abc import Sequence
 
-from bnlib.seeds import Spread
+from bnlib.lab.seeds import Spread
 
 __all__ = ["GLUE_DIGITS", "TOLERANCE_KEY", "Table", "bound", "glue", "upper_decade"]
 
@@ -109,7 +109,7 @@ def glue(name: str, value: object, display: bool = False, tol: float | None = No
     Measured values (results of training) carry the tolerance the notebook tests compare them by:
 
     - ``tol``: an absolute tolerance, declared with the value;
-    - a :class:`~bnlib.seeds.Spread` as ``value``: ``name`` gets the mean, ``name-min`` and
+    - a :class:`~bnlib.lab.seeds.Spread` as ``value``: ``name`` gets the mean, ``name-min`` and
       ``name-max`` the range, each with tolerance ``max(range, resolution)``, where ``resolution``
       is the smallest change the measurement can show (the recording interval of a step count,
       one test example of an accuracy).

@@ -4,7 +4,7 @@
 fixed number of steps. At the steps listed in ``record_at`` it calls *recorders*: functions that
 receive a :class:`TrainState` and return a mapping of named values (floats, tensors, arrays), which
 are collected in a :class:`History`. Recorders measure what a chapter needs, for example
-``test_metrics`` (accuracy and loss on held-out data) or anything built from :mod:`bnlib.measure`.
+``test_metrics`` (accuracy and loss on held-out data) or anything built from :mod:`bnlib.lab.measure`.
 
 Step convention: "step s" means *after s parameter updates*; step 0 is the initial model. At a
 record step the state also carries the mini-batch the model is about to train on next, so that a
@@ -12,7 +12,7 @@ recorder can probe gradients at exactly the point where training stands.
 
 Example::
 
-    net = bnlib.models.mlp([784, 100, 10], "sigmoid", init_std=0.1, generator=g)
+    net = bnlib.lab.models.mlp([784, 100, 10], "sigmoid", init_std=0.1, generator=g)
     hist = train(net, d.x_train, d.y_train, steps=1000, batch_size=60, lr=0.1,
                  record_at=every(100, 1000), recorders=[test_metrics(d.x_test, d.y_test)])
     hist["accuracy"]     # one value per recorded step, as a NumPy array
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlib.data import batches
-from bnlib.measure import evaluate
+from bnlib.lab.data import batches
+from bnlib.lab.measure import evaluate
 
 __all__ = ["TrainState", "History", "Recorder", "train", "every", "log_steps", "test_metrics"]
 
@@ -128,7 +128,7 @@ def train(
 ) -> History:
     """Train ``model`` on ``(x, y)`` for ``steps`` mini-batch updates and record along the way.
 
-    Mini-batches are drawn epoch by epoch without replacement (:func:`bnlib.data.batches`), the
+    Mini-batches are drawn epoch by epoch without replacement (:func:`bnlib.lab.data.batches`), the
     order fixed by ``seed``. The model's initialization is the caller's (seed it there).
 
     Args:

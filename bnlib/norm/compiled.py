@@ -5,7 +5,7 @@ can fuse the forward into two passes over the input (statistics, then normalize)
 backward into two more (the two per-channel sums, then dx), the minimum for these formulas. On a
 CPU, inductor generates C++ and compiles it with the machine's C++ compiler; on a GPU, Triton.
 
-The formulas are the ones of :mod:`bnlib.functional`:
+The formulas are the ones of :mod:`bnlib.norm.functional`:
 
     x_hat = (x - mean) / sqrt(var + eps),  y = weight * x_hat + bias
     dx = (inv_std / m) * (m * dx_hat - sum(dx_hat) - x_hat * sum(dx_hat * x_hat)),  dx_hat = weight * dy
@@ -13,7 +13,7 @@ The formulas are the ones of :mod:`bnlib.functional`:
 Here the forward saves the input itself (plus per-channel statistics) and the fused backward
 recomputes x_hat on the fly, so nothing input-sized is written for backward alone.
 
-Use it through ``bnlib.functional.batch_norm(..., backend="compiled")``. The first call for a
+Use it through ``bnlib.norm.functional.batch_norm(..., backend="compiled")``. The first call for a
 new input shape pays a one-time compile (tens of seconds on a small CPU). Where compiling is not
 possible (no C++ compiler, an unsupported Python, any compiler error) it warns once, says why, and
 runs the eager implementation instead.
@@ -27,28 +27,21 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bnlib.norm.channels import channel_shape, in_compute_precision, reduce_dims
+
 __all__ = ["available", "reset", "train_forward"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _state: dict[str, object] = {"kernels": None, "failed": None}
-
-
-def _dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
-
-
-def _shape(x: Tensor) -> list[int]:
-    return [1, x.shape[1]] + [1] * (x.dim() - 2)
 
 
 def _forward_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
     """Batch statistics (two-pass, float32 for half inputs) and y = weight * x_hat + bias.
 
-    As in :mod:`bnlib.functional`, the input is centred on the rounded mean (exact when
+    As in :mod:`bnlib.norm.functional`, the input is centred on the rounded mean (exact when
     |mean| >> std) and the remainder ``d`` corrects it, so large means keep float32 accuracy.
     """
-    dims, shape = _dims(x), _shape(x)
-    xf = x.float() if x.dtype in _LOW_PRECISION else x
+    dims, shape = reduce_dims(x), channel_shape(x)
+    xf = in_compute_precision(x)
     shift = xf.mean(dims, keepdim=True)
     x_c = xf - shift
     d = x_c.mean(dims)
@@ -66,7 +59,7 @@ def _forward_kernel(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
 
 def _backward_kernel(dy: Tensor, x: Tensor, shift: Tensor, d: Tensor, inv_std: Tensor, weight: Tensor | None):
     """(dx, dweight, dbias) by the compact formula, x_hat recomputed from the saved input."""
-    dims, shape = _dims(x), _shape(x)
+    dims, shape = reduce_dims(x), channel_shape(x)
     m = x.numel() // x.shape[1]
     compute = inv_std.dtype
     x_hat = ((x.to(compute) - shift.view(shape)) - d.view(shape)) * inv_std.view(shape)
@@ -141,16 +134,15 @@ def reset() -> None:
 
 
 def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """``(out, mean, biased var)`` of training-mode batch norm through the compiled kernels.
+    """``(out, mean, biased var)`` of training-mode batch norm through the compiled kernels, or
+    None where compiling is not possible here (the caller then runs its eager implementation).
 
     The backward pass is compiled too. Any error while compiling (which happens at the first
-    call for a shape) switches this process to the eager implementation with one warning.
+    call for a shape) switches this process to the eager formulas with one warning.
     """
-    from bnlib.functional import _BatchNormTrain
-
     if _state["failed"] is None:
         try:
             return _CompiledBatchNormTrain.apply(x, weight, bias, eps)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
             _fall_back(error)
-    return _BatchNormTrain.apply(x, weight, bias, eps)
+    return None

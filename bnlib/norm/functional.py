@@ -19,7 +19,7 @@ of the centred input (x_hat is never stored), and the backward regroups the comp
 channel as ``dx = a * dy + b * x_hat + c``, two fused multiply-adds.
 
 ``backend="compiled"`` sends the same formulas through ``torch.compile`` (see
-:mod:`bnlib.compiled`), which fuses them into a few generated kernels.
+:mod:`bnlib.norm.compiled`), which fuses them into a few generated kernels.
 """
 
 from __future__ import annotations
@@ -30,19 +30,12 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bnlib.norm import compiled
+from bnlib.norm.channels import LOW_PRECISION, channel_shape, reduce_dims, update_running_stats
+
 __all__ = ["BACKENDS", "batch_norm", "check_batch_norm_input"]
 
 BACKENDS = ("eager", "compiled")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _channel_shape(x: Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel vector against x: (1, C, 1, ...)."""
-    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
-
-
-def _reduce_dims(x: Tensor) -> list[int]:
-    return [0] + list(range(2, x.dim()))
 
 
 def check_batch_norm_input(x: Tensor, num_features: int | None = None, training: bool = False) -> None:
@@ -66,9 +59,9 @@ class _BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        dims, shape = _reduce_dims(x), _channel_shape(x)
+        dims, shape = reduce_dims(x), channel_shape(x)
         m = x.numel() // x.shape[1]
-        low = x.dtype in _LOW_PRECISION
+        low = x.dtype in LOW_PRECISION
         shift = x.mean(dims, keepdim=True, dtype=torch.float32 if low else None)
         # centre on the (rounded) mean: x - shift is exact when |mean| >> std, and the small
         # remainder d = mean(x - shift) recovers the digits the rounded mean lost
@@ -93,7 +86,7 @@ class _BatchNormTrain(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor, _grad_mean, _grad_var):
         x_c, d, inv_std, weight = ctx.saved_tensors
-        dims, shape = _reduce_dims(x_c), _channel_shape(x_c)
+        dims, shape = reduce_dims(x_c), channel_shape(x_c)
         m = x_c.numel() // x_c.shape[1]
         dy = grad_out.to(x_c.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -167,10 +160,10 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
-        shape = _channel_shape(input)
+        shape = channel_shape(input)
         # one affine map per channel (Algorithm 2): y = scale * x + shift, one pass over the input,
         # in the input's precision (float32 for half inputs)
-        compute = torch.float32 if input.dtype in _LOW_PRECISION else input.dtype
+        compute = torch.float32 if input.dtype in LOW_PRECISION else input.dtype
         scale = torch.rsqrt(running_var.to(compute) + eps)
         if weight is not None:
             scale = scale * weight.to(compute)
@@ -182,7 +175,7 @@ def batch_norm(
 
     if input.numel() == 0:
         # as torch: an empty output that stays connected to weight and bias (their gradients are 0)
-        shape = _channel_shape(input)
+        shape = channel_shape(input)
         out = input.clone()
         if weight is not None:
             out = out * weight.view(shape).to(out.dtype)
@@ -190,18 +183,9 @@ def batch_norm(
             out = out + bias.view(shape).to(out.dtype)
         return out
 
-    if backend == "compiled":
-        from bnlib import compiled
-
-        out, mean, var = compiled.train_forward(input, weight, bias, eps)
-    else:
-        out, mean, var = _BatchNormTrain.apply(input, weight, bias, eps)
-    if running_mean is not None or running_var is not None:
-        m = input.numel() // c
-        with torch.no_grad():
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            if running_var is not None:
-                unbiased = var * (m / (m - 1))
-                running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    result = compiled.train_forward(input, weight, bias, eps) if backend == "compiled" else None
+    if result is None:  # eager, or compiling was not possible here
+        result = _BatchNormTrain.apply(input, weight, bias, eps)
+    out, mean, var = result
+    update_running_stats(running_mean, running_var, mean, var, input.numel() // c, momentum)
     return out

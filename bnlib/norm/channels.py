@@ -1,0 +1,86 @@
+r"""What every per-channel normalization in bnlib shares, written once.
+
+- the broadcasting shape of a per-channel vector and the dimensions statistics run over;
+- the precision statistics are computed in (float32 for float16 and bfloat16 input);
+- the running-average update and its convention.
+
+The running-average convention is PyTorch's: ``momentum`` is the weight of the *new* batch,
+
+.. math::
+    \text{running} \leftarrow (1 - \text{momentum})\,\text{running} + \text{momentum}\cdot\text{batch},
+
+with the *unbiased* batch variance :math:`\frac{m}{m-1}\sigma_B^2` (m values per channel), while
+normalization itself uses the biased one. Keras and TensorFlow call ``1 - momentum`` the momentum
+(0.99 there is 0.01 here); :func:`bnlib.norm.population.convert_momentum` translates.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOW_PRECISION",
+    "affine",
+    "channel_shape",
+    "in_compute_precision",
+    "reduce_dims",
+    "to_input_precision",
+    "update_running_stats",
+]
+
+#: input dtypes whose statistics are computed in float32 (the output keeps the input's dtype)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def channel_shape(x: Tensor) -> tuple[int, ...]:
+    """Shape that broadcasts a per-channel vector against ``x`` (N, C, *): (1, C, 1, ...)."""
+    return (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """The dimensions batch statistics run over: every one except the channel dimension 1."""
+    return [0] + list(range(2, x.dim()))
+
+
+def in_compute_precision(x: Tensor) -> Tensor:
+    """``x`` in the dtype its statistics are computed in: float32 for float16/bfloat16, else itself."""
+    return x.float() if x.dtype in LOW_PRECISION else x
+
+
+def to_input_precision(out: Tensor, input: Tensor) -> Tensor:
+    """A result back in a low-precision input's dtype (float32 parameters would otherwise promote
+    it), as torch.nn's layers return it; other dtypes are left as computed."""
+    return out.to(input.dtype) if input.dtype in LOW_PRECISION else out
+
+
+def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``x * weight + bias`` per channel of an (N, C, *) tensor; either may be None."""
+    shape = channel_shape(x)
+    if weight is not None:
+        x = x * weight.view(shape)
+    if bias is not None:
+        x = x + bias.view(shape)
+    return x
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int | float,
+    momentum: float,
+) -> None:
+    """Fold one batch's statistics into the running buffers, in place (either may be None).
+
+    ``mean`` and ``var`` are the batch mean and *biased* variance over ``count`` values per
+    channel; the running variance receives the unbiased ``var * count / (count - 1)``. See the
+    module docstring for the convention.
+    """
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+    if running_var is not None:
+        unbiased = var * (count / (count - 1))
+        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)

@@ -1,0 +1,4 @@
+"""What a chapter page shows: tables and glued values (:mod:`~bnlib.present.report`), the figure
+style (:mod:`~bnlib.present.plots`), explorers (:mod:`~bnlib.present.widgets`) and the chapter's
+setup (:mod:`~bnlib.present.setup`). Built on :mod:`bnlib.lab` and :mod:`bnlib.norm`.
+"""
