@@ -76,8 +76,16 @@ def launch(
                 start_method=start_method,
             )
         deadline = time.monotonic() + timeout_s
+        answers: dict[int, bytes] = {}
+
+        def collect() -> None:  # read results as they come: a large one fills the pipe until read
+            while not results.empty():
+                rank, payload = results.get()
+                answers[rank] = payload
+
         try:
-            while not context.join(timeout=0.2):  # raises ProcessRaisedException with the traceback
+            while not context.join(timeout=0.1):  # raises ProcessRaisedException with the traceback
+                collect()
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no result within {timeout_s} s")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
@@ -87,7 +95,7 @@ def launch(
                 if p.is_alive():
                     p.kill()
                     p.join()
-    answers = dict(results.get() for _ in range(world_size))
+        collect()
     return [pickle.loads(answers[rank]) for rank in range(world_size)]
 
 
