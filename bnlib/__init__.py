@@ -9,6 +9,9 @@ Four layers, each importing only from those below it (``make test`` checks this)
   seeds, and each chapter's own experiments in :mod:`bnlib.lab.experiments`;
 - :mod:`bnlib.present`: what a chapter page shows: tables, glued values, plots, widgets, setup;
 - :mod:`bnlib.bench`: kernel benchmarks.
+
+No private name (leading underscore) crosses a module boundary. The book's appendix "The bnlib
+API" (``book/api.md``) documents every public name, generated from the docstrings.
 """
 
 from bnlib.norm import functional, reference

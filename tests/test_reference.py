@@ -1,11 +1,14 @@
-"""bnlib.norm.reference: forward values, gradient checks, the two backward passes, bad input."""
+"""The reading copies: bnlib.norm.reference (forward values, gradient checks, the two backward passes,
+the two variance formulas, bad input) and bnlib.norm.functional.algorithm_1 against batch_norm."""
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnlib.lab.gradcheck import numeric_gradient, numeric_jacobian, rel_error
+from bnlib.norm import functional
 from bnlib.norm import reference as ref
 
 
@@ -77,12 +80,77 @@ def test_jacobian_is_zero_for_two_values_without_eps():
     np.testing.assert_allclose(ref.batchnorm_jacobian([0.3, 1.7], eps=0.0), 0.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("axis", [0, 1, (0, 2)])
+def test_batch_mean_var_is_mean_then_mean_of_squared_deviations(rng, axis):
+    x = rng.normal(2.0, 3.0, size=(6, 5, 4))
+    mean, var = ref.batch_mean_var(x, axis=axis)
+    np.testing.assert_allclose(mean, x.mean(axis=axis), rtol=1e-14)
+    np.testing.assert_allclose(var, x.var(axis=axis), rtol=1e-13)  # numpy's var is biased (ddof=0)
+
+
+def test_the_two_variance_formulas_agree_in_float64(rng):
+    x = rng.normal(1e3, 1.0, size=(500, 3))
+    for got, want in zip(ref.batch_mean_var(x), ref.batch_mean_var_shifted(x)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def _relative_variance_errors(formula, mean: float, seeds=range(20)) -> list[float]:
+    """Relative error of ``formula``'s variance of float32 data, spread 1 around ``mean``, per seed."""
+    errors = []
+    for seed in seeds:
+        v = (mean + np.random.default_rng(seed).normal(size=4096)).astype(np.float32)
+        exact = v.astype(np.float64).var()
+        errors.append(abs(float(formula(v)[1]) - exact) / exact)
+    return errors
+
+
+def test_shifted_variance_keeps_float32_digits_where_the_plain_one_loses_them():
+    """At mean 1e5 and spread 1 the float32 mean is off by up to half an ulp (0.004), and that error
+    enters the plain formula's variance squared; the shifted formula takes it back out."""
+    assert max(_relative_variance_errors(ref.batch_mean_var_shifted, 1e5)) < 1e-6
+    assert max(_relative_variance_errors(ref.batch_mean_var, 1e5)) > 1e-5  # what the correction is for
+    assert max(_relative_variance_errors(ref.batch_mean_var, 1.0)) < 1e-6  # and a centred batch needs none
+
+
 def test_variance_keeps_digits_with_large_mean():
     rng = np.random.default_rng(1)
     x = (1e4 + rng.normal(size=(1000, 2))).astype(np.float32)
-    _, var = ref.batch_mean_var(x)
+    _, var = ref.batch_mean_var_shifted(x)
     exact = x.astype(np.float64).var(axis=0)
-    np.testing.assert_allclose(var, exact, rtol=1e-3)
+    np.testing.assert_allclose(var, exact, rtol=1e-5)
+
+
+def test_forward_uses_the_shifted_statistics():
+    x = (1e5 + np.random.default_rng(3).normal(size=(4096, 1))).astype(np.float32)
+    mean, var = ref.batch_mean_var_shifted(x)
+    _, cache = ref.batchnorm_forward(x, np.ones(1), np.zeros(1))
+    np.testing.assert_array_equal(cache.mean, mean)
+    np.testing.assert_array_equal(cache.var, var)
+
+
+@pytest.mark.parametrize("shape", [(16, 3), (8, 3, 5), (4, 3, 5, 6)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_algorithm_1_is_what_batch_norm_computes(shape, affine):
+    gen = torch.Generator().manual_seed(0)
+    x = (3.0 + 2.0 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    weight = torch.rand(3, generator=gen, dtype=torch.float64).add_(0.5).requires_grad_() if affine else None
+    bias = torch.randn(3, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    params = [t for t in (x, weight, bias) if t is not None]
+
+    plain = functional.algorithm_1(x, weight, bias, eps=1e-5)
+    fast = functional.batch_norm(x, None, None, weight, bias, training=True, eps=1e-5)
+    torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fast, params, dy), torch.autograd.grad(plain, params, dy)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_algorithm_1_agrees_with_the_numpy_reading_copy(rng):
+    x = rng.normal(-1.0, 4.0, size=(10, 4))
+    gamma, beta = rng.normal(size=4), rng.normal(size=4)
+    want, _ = ref.batchnorm_forward(x, gamma, beta, eps=1e-3)
+    got = functional.algorithm_1(torch.from_numpy(x), torch.from_numpy(gamma), torch.from_numpy(beta), eps=1e-3)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
 
 
 def test_inference_is_the_affine_map(rng):

@@ -431,3 +431,76 @@ def test_chapters_are_stored_with_a_clean_top_to_bottom_run():
         if errors:
             problems.append(f"{nb_path.name}: stored error outputs {errors}")
     assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------------------------------
+# the API appendix (book/api.md): autodoc of every public name, from docstrings in napoleon's Google style
+
+LAYERS = ["norm", "lab", "present", "bench"]
+
+
+def _modules(layer: str) -> list:
+    """bnlib.<layer> and every module below it."""
+    import importlib
+    import pkgutil
+
+    package = importlib.import_module(f"bnlib.{layer}")
+    found = [package]
+    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+        found.append(importlib.import_module(info.name))
+    return found
+
+
+def _all_bnlib_modules() -> list:
+    return [m for layer in LAYERS for m in _modules(layer)]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_api_appendix_documents_every_public_name(layer):
+    """Every name in a module's __all__ has an entry on the page: under that module, or, for a name
+    the module re-exports, under the module that defines it."""
+    html = (SITE / "book" / "api.html").read_text(encoding="utf-8")
+    ids = set(re.findall(r'id="(bnlib\.[^"]+)"', html))
+    everywhere = _all_bnlib_modules()
+    missing = []
+    for module in _modules(layer):
+        for name in getattr(module, "__all__", []):
+            obj = getattr(module, name)
+            homes = [module] + [m for m in everywhere if getattr(m, name, None) is obj]
+            if not any(f"{home.__name__}.{name}" in ids for home in homes):
+                missing.append(f"{module.__name__}.{name}")
+    assert not missing, (
+        "public names without an entry in the API appendix (a constant needs a `#:` comment above it; "
+        "a module needs an automodule block in book/api.md):\n" + "\n".join(missing)
+    )
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_every_public_class_documents_its_arguments_and_a_layer_its_shapes(layer):
+    """Each class says what its arguments are in its own docstring (no "see the base class"), and a
+    layer (an nn.Module with a forward) what shapes it takes and returns."""
+    import inspect
+
+    from torch import nn
+
+    problems = []
+    for module in _modules(layer):
+        for name in getattr(module, "__all__", []):
+            cls = getattr(module, name)
+            if not inspect.isclass(cls) or cls.__module__ != module.__name__:
+                continue
+            doc = cls.__dict__.get("__doc__") or ""
+            forward_in_bnlib = any("forward" in c.__dict__ for c in cls.__mro__ if c.__module__.startswith("bnlib."))
+            is_layer = issubclass(cls, nn.Module) and forward_in_bnlib
+            for section, needed in (("Args:", True), ("Shape:", is_layer)):
+                if needed and section not in doc:
+                    problems.append(f"{module.__name__}.{name}: no {section} section")
+    assert not problems, "\n".join(problems)
+
+
+def test_front_page_links_to_the_api_appendix():
+    html = (SITE / "book" / "intro.html").read_text(encoding="utf-8")
+    assert 'href="api.html"' in html
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    appendices = next(p["chapters"] for p in toc["parts"] if p.get("caption") == "Appendices")
+    assert appendices[-1]["file"] == "book/api", "the API appendix is the last appendix"

@@ -1,8 +1,9 @@
 """The batch-normalization library: what a user imports.
 
-- :mod:`~bnlib.norm.reference`: NumPy reading copy, forward and backward (float64);
-- :mod:`~bnlib.norm.functional`: ``batch_norm`` for torch tensors, with the compact backward, and
-  its compiled backend :mod:`~bnlib.norm.compiled`;
+- :mod:`~bnlib.norm.reference`: the NumPy reading copy of the equations, forward and backward;
+- :mod:`~bnlib.norm.functional`: Algorithm 1 for torch tensors as written (``algorithm_1``), and
+  ``batch_norm``, the same made fast, with the compact backward and a compiled backend
+  (:mod:`~bnlib.norm.compiled`);
 - :mod:`~bnlib.norm.modules`: ``BatchNorm1d/2d/3d``, drop-in replacements for torch.nn's;
 - :mod:`~bnlib.norm.taxonomy`, :mod:`~bnlib.norm.per_sample`, :mod:`~bnlib.norm.renorm`,
   :mod:`~bnlib.norm.factory`: the alternatives (layer, group, instance, RMS norm, batch renorm,
@@ -12,7 +13,8 @@
 - :mod:`~bnlib.norm.population`: running averages and recomputed population statistics;
 - :mod:`~bnlib.norm.channels`: what all of them share (shapes, precision, the running-average update).
 
-The alternatives' names are re-exported here: ``bnlib.norm.GroupNorm``, ``bnlib.norm.factory(...)``.
+The alternatives' names are re-exported here (``bnlib.norm.GroupNorm``, ``bnlib.norm.factory(...)``);
+each is documented in the module that defines it.
 """
 
 from bnlib.norm.factory import factory

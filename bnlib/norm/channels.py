@@ -34,28 +34,51 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def channel_shape(x: Tensor) -> tuple[int, ...]:
-    """Shape that broadcasts a per-channel vector against ``x`` (N, C, *): (1, C, 1, ...)."""
+    """Shape that broadcasts a per-channel vector against ``x`` ``(N, C, *)``: (1, C, 1, ...).
+
+    Args:
+        x: a tensor with channels in dimension 1.
+    """
     return (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
-    """The dimensions batch statistics run over: every one except the channel dimension 1."""
+    """The dimensions batch statistics run over: every one except the channel dimension 1.
+
+    Args:
+        x: a tensor with channels in dimension 1.
+    """
     return [0] + list(range(2, x.dim()))
 
 
 def in_compute_precision(x: Tensor) -> Tensor:
-    """``x`` in the dtype its statistics are computed in: float32 for float16/bfloat16, else itself."""
+    """``x`` in the dtype its statistics are computed in: float32 for float16/bfloat16, else itself.
+
+    Args:
+        x: any floating tensor.
+    """
     return x.float() if x.dtype in LOW_PRECISION else x
 
 
 def to_input_precision(out: Tensor, input: Tensor) -> Tensor:
     """A result back in a low-precision input's dtype (float32 parameters would otherwise promote
-    it), as torch.nn's layers return it; other dtypes are left as computed."""
+    it), as torch.nn's layers return it; other dtypes are left as computed.
+
+    Args:
+        out: the result, computed in float32 for a low-precision input.
+        input: the input it was computed from.
+    """
     return out.to(input.dtype) if input.dtype in LOW_PRECISION else out
 
 
 def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """``x * weight + bias`` per channel of an (N, C, *) tensor; either may be None."""
+    """``x * weight + bias`` per channel of an ``(N, C, *)`` tensor; either may be None.
+
+    Args:
+        x: the normalized tensor, ``(N, C, *)``.
+        weight: the scale gamma, (C,), or None.
+        bias: the shift beta, (C,), or None.
+    """
     shape = channel_shape(x)
     if weight is not None:
         x = x * weight.view(shape)
@@ -78,6 +101,14 @@ def update_running_stats(
     ``mean`` and ``var`` are the batch mean and *biased* variance over ``count`` values per
     channel; the running variance receives the unbiased ``var * count / (count - 1)``. See the
     module docstring for the convention.
+
+    Args:
+        running_mean: the (C,) running mean, or None.
+        running_var: the (C,) running variance, or None.
+        mean: the batch mean, (C,).
+        var: the biased batch variance, (C,).
+        count: values per channel in the batch, m.
+        momentum: weight of the new batch.
     """
     if running_mean is not None:
         running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)

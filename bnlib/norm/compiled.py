@@ -5,7 +5,7 @@ can fuse the forward into two passes over the input (statistics, then normalize)
 backward into two more (the two per-channel sums, then dx), the minimum for these formulas. On a
 CPU, inductor generates C++ and compiles it with the machine's C++ compiler; on a GPU, Triton.
 
-The formulas are the ones of :mod:`bnlib.norm.functional`:
+The formulas are the ones of :mod:`bnlib.norm.functional`::
 
     x_hat = (x - mean) / sqrt(var + eps),  y = weight * x_hat + bias
     dx = (inv_std / m) * (m * dx_hat - sum(dx_hat) - x_hat * sum(dx_hat * x_hat)),  dx_hat = weight * dy
@@ -139,6 +139,12 @@ def train_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
     The backward pass is compiled too. Any error while compiling (which happens at the first
     call for a shape) switches this process to the eager formulas with one warning.
+
+    Args:
+        x: the input, ``(N, C, *)``.
+        weight: the scale gamma, (C,), or None.
+        bias: the shift beta, (C,), or None.
+        eps: added to the variance before the square root.
     """
     if _state["failed"] is None:
         try:

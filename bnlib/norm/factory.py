@@ -16,11 +16,19 @@ __all__ = ["factory"]
 def factory(method: str, spatial: bool = False, **kwargs) -> Callable[[int], nn.Module]:
     """A ``norm`` factory for :mod:`bnlib.lab.models`: called with a channel count, returns the layer.
 
-    ``method``: "batch" (``bnlib.BatchNorm1d``/``2d``), "ghost" (:class:`GhostBatchNorm`, needs
-    ``ghost_size``), "renorm" (:class:`BatchRenorm`), "group" (:class:`GroupNorm`, ``num_groups``
-    default 8), "layer" (fc features: :class:`LayerNorm`; conv features: ``GroupNorm(1, C)``, the
-    same statistics), "instance" (conv features only), "rms" (fc features only).
-    ``spatial``: the features are (N, C, H, W) rather than (N, C). Other keyword arguments go to the layer.
+    Args:
+        method: which normalization:
+
+            - ``"batch"``: :class:`~bnlib.norm.modules.BatchNorm1d` (``BatchNorm2d`` when ``spatial``);
+            - ``"ghost"``: :class:`~bnlib.norm.renorm.GhostBatchNorm` (needs ``ghost_size``);
+            - ``"renorm"``: :class:`~bnlib.norm.renorm.BatchRenorm`;
+            - ``"group"``: :class:`~bnlib.norm.per_sample.GroupNorm` (``num_groups`` default 8);
+            - ``"layer"``: :class:`~bnlib.norm.per_sample.LayerNorm` for fc features, ``GroupNorm(1, C)``
+              (the same statistics) for conv features;
+            - ``"instance"``: :class:`~bnlib.norm.per_sample.InstanceNorm2d` (conv features only);
+            - ``"rms"``: :class:`~bnlib.norm.per_sample.RMSNorm` (fc features only).
+        spatial: the features are (N, C, H, W) rather than (N, C).
+        **kwargs: passed on to the layer.
     """
     allowed = {"batch", "ghost", "renorm", "group", "layer"} | ({"instance"} if spatial else {"rms"})
     if method not in allowed:

@@ -48,9 +48,11 @@ def fold_weights(
         weight: the layer's weight; its dimension ``out_dim`` indexes the output channels
             (0 for Linear and Conv, 1 for ConvTranspose with one group).
         bias: the layer's bias, or None (treated as zero).
-        running_mean, running_var: the BN layer's (C,) population statistics.
+        running_mean: the BN layer's population mean, (C,).
+        running_var: the BN layer's population variance, (C,).
         eps: the BN layer's epsilon.
-        gamma, beta: the BN layer's affine parameters, or None (1 and 0).
+        gamma: the BN layer's scale, or None (1).
+        beta: the BN layer's shift, or None (0).
         out_dim: which dimension of ``weight`` holds the output channels.
     """
     c = running_mean.shape[0]
@@ -101,6 +103,10 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A new convolution computing ``bn(conv(x))`` for an eval-mode ``bn``.
 
     Conv1d/2d/3d (any groups) and ConvTranspose1d/2d/3d with one group.
+
+    Args:
+        conv: the convolution whose output ``bn`` normalizes.
+        bn: a batch-norm layer in eval mode with running statistics.
     """
     if isinstance(conv, _CONV_T):
         if conv.groups != 1:
@@ -116,7 +122,12 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 def fuse_linear_bn(linear: nn.Module, bn: nn.Module) -> nn.Module:
-    """A new ``nn.Linear`` computing ``bn(linear(x))`` of the eval-mode ``bn`` (BatchNorm1d on (N, C) features)."""
+    """A new ``nn.Linear`` computing ``bn(linear(x))`` of the eval-mode ``bn`` (BatchNorm1d on (N, C) features).
+
+    Args:
+        linear: the linear layer whose output ``bn`` normalizes.
+        bn: a batch-norm layer in eval mode with running statistics.
+    """
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"expected nn.Linear, got {type(linear).__name__}")
     _check_bn(bn, linear.out_features)
@@ -130,6 +141,9 @@ def fuse_model(model: nn.Module) -> nn.Module:
 
     BN layers in other positions are left as they are. The copy is returned in eval mode; the
     original model is not changed.
+
+    Args:
+        model: a model in eval mode.
     """
     if any(m.training for m in model.modules() if is_batch_norm(m)):
         raise ValueError("folding uses the running statistics: call model.eval() first")

@@ -26,12 +26,23 @@ __all__ = [
 
 
 def is_batch_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a batch-norm layer: bnlib's (synchronized included) or torch.nn's."""
+    """Whether ``module`` is a batch-norm layer: bnlib's (synchronized included) or torch.nn's.
+
+    Args:
+        module: any module.
+    """
     return isinstance(module, (BatchNormBase, nn.modules.batchnorm._BatchNorm))
 
 
 def normalize_with_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    """(x - running_mean) / sqrt(running_var + eps) per channel of an (N, C, *) tensor, no affine."""
+    """(x - running_mean) / sqrt(running_var + eps) per channel of an ``(N, C, *)`` tensor, no affine.
+
+    Args:
+        x: the input, ``(N, C, *)``.
+        running_mean: the mean to subtract, (C,).
+        running_var: the variance to divide by (its square root, after adding eps), (C,).
+        eps: added to the variance.
+    """
     shape = channel_shape(x)
     return (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
 
@@ -42,8 +53,21 @@ class NormBase(nn.Module):
     bnlib that normalizes per channel (batch norm here, instance norm in :mod:`bnlib.norm.per_sample`,
     batch renorm in :mod:`bnlib.norm.renorm`, synchronized batch norm in :mod:`bnlib.norm.sync`).
 
-    ``eps`` must be positive, as torch.nn requires in training; a subclass that sets
-    :attr:`allows_zero_eps` accepts 0 (exact identities in the book's experiments).
+    It holds state only: the subclasses define ``forward``. ``eps`` must be positive, as torch.nn
+    requires in training; a subclass that sets :attr:`allows_zero_eps` accepts 0 (exact identities
+    in the book's experiments).
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
     """
 
     #: whether eps = 0 is accepted (torch.nn refuses it; see bnlib.lab.invariance.ExactBatchNorm1d)
@@ -97,12 +121,14 @@ class NormBase(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batch counted (when the layer keeps them)."""
         if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
+        """Reset the running statistics, and gamma to 1 and beta to 0."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
@@ -147,10 +173,16 @@ class BatchNormBase(NormBase):
             without them batch statistics are used in eval mode too. Setting the flag to False on a
             layer that has the buffers (after training) stops their updates in training mode; eval
             mode still normalizes with them, as in torch. Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
         bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
+
+    Shape:
+        Input: ``(N, C, *)``, C = ``num_features``; a subclass may restrict the number of dimensions.
+        Output: same shape as the input.
     """
 
-    #: the input dimensions a subclass accepts; None: any (N, C, *) input
+    #: the numbers of input dimensions a subclass accepts (None for any ``(N, C, *)`` input)
     input_dims: tuple[int, ...] | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -185,7 +217,22 @@ class BatchNormBase(NormBase):
 
 
 class BatchNorm1d(BatchNormBase):
-    """Batch normalization over (N, C) or (N, C, L) input; see :class:`BatchNormBase`.
+    """Batch normalization over (N, C) or (N, C, L) input, per feature over N (or ``N*L``) values.
+
+    A drop-in replacement for ``torch.nn.BatchNorm1d``; the formula and the train/eval behaviour
+    are those of :class:`BatchNormBase`.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
 
     Shape:
         Input: (N, C) or (N, C, L). Output: same shape as the input.
@@ -195,7 +242,22 @@ class BatchNorm1d(BatchNormBase):
 
 
 class BatchNorm2d(BatchNormBase):
-    """Batch normalization over (N, C, H, W) input, per channel over N*H*W values; see :class:`BatchNormBase`.
+    """Batch normalization over (N, C, H, W) input, per channel over ``N*H*W`` values.
+
+    A drop-in replacement for ``torch.nn.BatchNorm2d``; the formula and the train/eval behaviour
+    are those of :class:`BatchNormBase`.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
 
     Shape:
         Input: (N, C, H, W). Output: same shape as the input.
@@ -205,7 +267,22 @@ class BatchNorm2d(BatchNormBase):
 
 
 class BatchNorm3d(BatchNormBase):
-    """Batch normalization over (N, C, D, H, W) input, per channel over N*D*H*W values; see :class:`BatchNormBase`.
+    """Batch normalization over (N, C, D, H, W) input, per channel over ``N*D*H*W`` values.
+
+    A drop-in replacement for ``torch.nn.BatchNorm3d``; the formula and the train/eval behaviour
+    are those of :class:`BatchNormBase`.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages; ``None`` gives a cumulative
+            (simple) average over all batches seen. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
+            without them batch statistics are used in eval mode too. Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
 
     Shape:
         Input: (N, C, D, H, W). Output: same shape as the input.

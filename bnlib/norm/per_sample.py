@@ -33,7 +33,6 @@ def _factory(device, dtype) -> dict:
     return {"device": device, "dtype": dtype}
 
 
-
 class LayerNorm(nn.Module):
     r"""Layer normalization (Ba et al. 2016): statistics per sample over the last dimensions.
 
@@ -48,9 +47,11 @@ class LayerNorm(nn.Module):
         elementwise_affine: learn ``weight`` (gamma, ones) and ``bias`` (beta, zeros) of
             ``normalized_shape``. Default: True.
         bias: with ``elementwise_affine``, also learn beta. Default: True.
+        device: where the parameters are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
 
     Shape:
-        Input: (N, *, normalized_shape). Output: same shape.
+        Input: ``(N, *, normalized_shape)``. Output: same shape.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class GroupNorm(nn.Module):
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
-    statistics over (C/G, H, W) (:func:`normalize` with ``"group"``); gamma and beta per channel.
+    statistics over (C/G, H, W) (:func:`~bnlib.norm.taxonomy.normalize` with ``"group"``); gamma and beta per channel.
     G = 1 is layer normalization over (C, H, W), G = C instance normalization.
 
     Args:
@@ -101,10 +102,12 @@ class GroupNorm(nn.Module):
         num_channels: C.
         eps: added to the variance. Default: 1e-5.
         affine: learn per-channel ``weight`` (ones) and ``bias`` (zeros). Default: True.
+        device: where the parameters are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
         bias: with ``affine``, also learn beta (keyword only). Default: True.
 
     Shape:
-        Input: (N, C, *). Output: same shape.
+        Input: ``(N, C, *)``. Output: same shape.
     """
 
     def __init__(
@@ -145,15 +148,31 @@ class InstanceNormBase(NormBase):
 
     .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
 
-    statistics over (H, W) (:func:`normalize` with ``"instance"``). As in torch.nn, ``affine`` and
+    statistics over (H, W) (:func:`~bnlib.norm.taxonomy.normalize` with ``"instance"``). As in torch.nn, ``affine`` and
     ``track_running_stats`` default to False; with running statistics, training updates them with
     the batch average of the per-instance mean and unbiased variance (``num_batches_tracked`` is
     not advanced, and ``momentum=None`` freezes them), and evaluation uses them.
 
-    Unbatched input (C, *) is accepted. Normalizing with the input's own statistics (training,
+    Unbatched input ``(C, *)`` is accepted. Normalizing with the input's own statistics (training,
     or evaluation without running statistics) needs more than one position per instance: one
     position would always give zero (plus beta), so it raises ValueError, as torch.nn does.
     An empty batch gives an empty output and leaves the running statistics as they are.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages (with ``track_running_stats``);
+            ``None`` freezes them. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, ones) and shift (``bias``, zeros). Default: False.
+        track_running_stats: keep running averages of the per-instance mean and unbiased variance,
+            update them in training and normalize with them in evaluation. Default: False.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only). Default: True.
+
+    Shape:
+        Input: ``(N, C, *)`` or unbatched ``(C, *)``; each subclass fixes the number of dimensions.
+        Output: same shape as the input.
     """
 
     _dims: tuple[int, ...] = ()
@@ -203,13 +222,52 @@ class InstanceNormBase(NormBase):
 
 
 class InstanceNorm1d(InstanceNormBase):
-    """Instance normalization over (N, C, L) or unbatched (C, L) input; see :class:`InstanceNormBase`."""
+    """Instance normalization over (N, C, L) or unbatched (C, L) input, per sample and channel over L values.
+
+    A drop-in replacement for ``torch.nn.InstanceNorm1d``; the behaviour is that of
+    :class:`~bnlib.norm.per_sample.InstanceNormBase`.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages (with ``track_running_stats``);
+            ``None`` freezes them. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, ones) and shift (``bias``, zeros). Default: False.
+        track_running_stats: keep running averages of the per-instance mean and unbiased variance,
+            update them in training and normalize with them in evaluation. Default: False.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only). Default: True.
+
+    Shape:
+        Input: (N, C, L) or (C, L). Output: same shape as the input.
+    """
 
     _dims = (2, 3)
 
 
 class InstanceNorm2d(InstanceNormBase):
-    """Instance normalization over (N, C, H, W) or unbatched (C, H, W) input; see :class:`InstanceNormBase`."""
+    """Instance normalization over (N, C, H, W) or unbatched (C, H, W) input, per sample and channel
+    over ``H*W`` values.
+
+    A drop-in replacement for ``torch.nn.InstanceNorm2d``; the behaviour is that of
+    :class:`~bnlib.norm.per_sample.InstanceNormBase`.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages (with ``track_running_stats``);
+            ``None`` freezes them. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, ones) and shift (``bias``, zeros). Default: False.
+        track_running_stats: keep running averages of the per-instance mean and unbiased variance,
+            update them in training and normalize with them in evaluation. Default: False.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only). Default: True.
+
+    Shape:
+        Input: (N, C, H, W) or (C, H, W). Output: same shape as the input.
+    """
 
     _dims = (3, 4)
 
@@ -221,6 +279,17 @@ class RMSNorm(nn.Module):
 
     with the mean over the trailing ``normalized_shape`` dimensions. ``eps=None`` uses the machine
     epsilon of the input's dtype, as torch.nn.RMSNorm does.
+
+    Args:
+        normalized_shape: the trailing shape to normalize over (an int for the last dimension).
+        eps: added to the mean square; None for the machine epsilon of the input's dtype. Default: None.
+        elementwise_affine: learn ``weight`` (gamma, ones) of ``normalized_shape``; there is no
+            shift. Default: True.
+        device: where the parameter is created. Default: the default device.
+        dtype: its floating dtype. Default: the default dtype.
+
+    Shape:
+        Input: ``(N, *, normalized_shape)``. Output: same shape.
     """
 
     def __init__(

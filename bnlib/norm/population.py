@@ -42,16 +42,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Convention:
-    """How a library names and applies the running-average momentum."""
+    """How a library names and applies the running-average momentum.
+
+    Args:
+        library: the library and the layer or function, as the book names it.
+        argument: the name of its momentum argument.
+        default: the momentum's default value there.
+        on: ``"new"``: the momentum weighs the new batch statistic; ``"old"``: the running value.
+        eps: the library's default epsilon.
+        running_var: which batch variance enters the running average: ``"unbiased"`` or ``"biased"``.
+    """
 
     library: str
     argument: str
     default: float
-    on: str  # "new": weight of the new batch statistic; "old": weight of the running value
+    on: str
     eps: float
-    running_var: str  # which batch variance enters the running average: "unbiased" or "biased"
+    running_var: str
 
 
+#: the conventions compared in the book, by the name :func:`convert_momentum` and :func:`ema` take
 CONVENTIONS: dict[str, Convention] = {
     "pytorch": Convention("PyTorch (torch.nn.BatchNorm*d)", "momentum", 0.1, "new", 1e-5, "unbiased"),
     "keras": Convention("Keras (layers.BatchNormalization)", "momentum", 0.99, "old", 1e-3, "not compared here"),
@@ -66,7 +76,13 @@ def _convention(name: str) -> Convention:
 
 
 def convert_momentum(value: float, source: str, target: str) -> float:
-    """Express a momentum given in ``source``'s convention in ``target``'s (e.g. Keras 0.99 -> PyTorch 0.01)."""
+    """Express a momentum given in ``source``'s convention in ``target``'s (e.g. Keras 0.99 -> PyTorch 0.01).
+
+    Args:
+        value: the momentum, in [0, 1].
+        source: the convention it is given in (a key of :data:`CONVENTIONS`).
+        target: the convention to express it in.
+    """
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {value}")
     on_new = value if _convention(source).on == "new" else 1.0 - value
@@ -77,6 +93,12 @@ def ema(batch_values: Iterable[Tensor | float], momentum: float, convention: str
     """Running average of ``batch_values`` under a library's convention; returns the final value.
 
     PyTorch: ``r = (1 - momentum) * r + momentum * v``; Keras/CS231n: ``r = momentum * r + (1 - momentum) * v``.
+
+    Args:
+        batch_values: the batch statistics, in order.
+        momentum: the momentum, in ``convention``'s meaning.
+        convention: a key of :data:`CONVENTIONS`.
+        start: the running value before the first batch.
     """
     w_new = convert_momentum(momentum, convention, "pytorch")
     r = start
@@ -86,7 +108,12 @@ def ema(batch_values: Iterable[Tensor | float], momentum: float, convention: str
 
 
 def half_life(momentum: float, convention: str = "pytorch") -> float:
-    """Number of batches after which a batch's weight in the running average has halved: ln 2 / -ln(1 - w_new)."""
+    """Number of batches after which a batch's weight in the running average has halved: ln 2 / -ln(1 - w_new).
+
+    Args:
+        momentum: the momentum, in ``convention``'s meaning.
+        convention: a key of :data:`CONVENTIONS`.
+    """
     w_new = convert_momentum(momentum, convention, "pytorch")
     if w_new <= 0.0:
         return math.inf
@@ -96,7 +123,11 @@ def half_life(momentum: float, convention: str = "pytorch") -> float:
 
 
 def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm layer (torch's or bnlib's) inside ``model``, in order."""
+    """Every BatchNorm layer (torch's or bnlib's) inside ``model``, in order.
+
+    Args:
+        model: any module.
+    """
     return [m for m in model.modules() if is_batch_norm(m)]
 
 
@@ -161,6 +192,9 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
 
     ``model.train()`` switches BN layers back to training mode (and back to updating their running
     statistics): call this again after every ``model.train()``.
+
+    Args:
+        model: the model, changed in place.
     """
     for bn in batch_norm_layers(model):
         bn.eval()
@@ -173,7 +207,7 @@ def _group_statistics_forward(bn: nn.Module, size: int):
     """A forward for ``bn`` that normalizes every consecutive group of ``size`` examples by its own
     statistics, as in training, in one pass, and leaves the running statistics alone.
 
-    The groups are moved into the channel dimension, (N, C, *) -> (size, N/size * C, positions), and
+    The groups are moved into the channel dimension, ``(N, C, *)`` -> (size, N/size * C, positions), and
     normalized by the layer's own functional form (bnlib's for bnlib's layers, torch's for torch's)
     in training mode without running buffers, with gamma and beta repeated for every group.
     """
@@ -201,6 +235,11 @@ def evaluate_with_batch_statistics(model: nn.Module, x: Tensor, batch_size: int)
     layers in training mode gives (up to round-off), computed in a single pass. ``batch_size=1``
     normalizes every example by its own statistics, which a BN layer can do only where it sees more
     than one value per channel (a convolutional feature map); otherwise, as in training, it raises.
+
+    Args:
+        model: the network (not changed).
+        x: the inputs, ``len(x)`` a multiple of ``batch_size``.
+        batch_size: examples per normalization group.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

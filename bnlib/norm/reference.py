@@ -2,12 +2,15 @@
 
 Forward functions return ``(out, cache)``; backward functions take the upstream gradient and
 that cache and return the gradients, as in CS231n's ``layers.py``. Everything here is plain
-NumPy so that every line can be checked against Ioffe & Szegedy (2015), Algorithm 1:
+NumPy so that every line can be checked against Ioffe & Szegedy (2015), Algorithm 1::
 
-    mu    = mean(x)                      (per feature, over the batch)
-    var   = mean((x - mu)^2)             (biased)
-    x_hat = (x - mu) / sqrt(var + eps)
-    y     = gamma * x_hat + beta
+    mu    = mean(x)                      (per feature, over the batch)   batch_mean_var
+    var   = mean((x - mu)^2)             (biased)                        batch_mean_var
+    x_hat = (x - mu) / sqrt(var + eps)                                   batchnorm_forward
+    y     = gamma * x_hat + beta                                         batchnorm_forward
+
+The forward computes the first two lines with :func:`batch_mean_var_shifted`, the same formula
+with one correction that keeps float32 digits when the mean is large against the spread.
 
 Floating inputs keep their dtype (so float32 behaviour can be studied); anything else is
 converted to float64, the precision the book's gradient checks use.
@@ -22,6 +25,7 @@ import numpy as np
 __all__ = [
     "BatchNormCache",
     "batch_mean_var",
+    "batch_mean_var_shifted",
     "batchnorm_forward",
     "batchnorm_backward",
     "batchnorm_backward_graph",
@@ -33,15 +37,25 @@ __all__ = [
 
 
 class BatchNormCache(NamedTuple):
-    """What the forward pass keeps for the backward pass (one row per example)."""
+    """What the forward pass keeps for the backward pass (one row per example).
 
-    x: np.ndarray  # input, (N, D)
-    mean: np.ndarray  # batch mean, (D,)
-    var: np.ndarray  # biased batch variance, (D,)
+    Args:
+        x: the input, (N, D) (for spatial input, the ``(N*H*W, C)`` rows).
+        mean: the batch mean mu_B, (D,).
+        var: the biased batch variance sigma_B^2, (D,).
+        eps: the epsilon added to the variance.
+        x_hat: the normalized input, (N, D).
+        gamma: the scale, (D,).
+        std: ``sqrt(var + eps)``, (D,).
+    """
+
+    x: np.ndarray
+    mean: np.ndarray
+    var: np.ndarray
     eps: float
-    x_hat: np.ndarray  # normalized input, (N, D)
-    gamma: np.ndarray  # scale, (D,)
-    std: np.ndarray  # sqrt(var + eps), (D,)
+    x_hat: np.ndarray
+    gamma: np.ndarray
+    std: np.ndarray
 
 
 def _as_float_array(x) -> np.ndarray:
@@ -60,11 +74,44 @@ def _check_params(gamma: np.ndarray, beta: np.ndarray, num_features: int) -> Non
 
 
 def batch_mean_var(x: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and biased variance along ``axis``, computed in two passes.
+    """Mean and biased variance along ``axis``: Algorithm 1's first two lines, in two passes.
 
-    The naive one-pass formula E[x^2] - E[x]^2 subtracts two nearly equal numbers when
-    |mean| >> std and loses the variance's digits (it can even come out negative). Centering
-    first, then correcting by the (tiny) mean of the centred values, keeps them.
+    ``mean = mean(x)``, then ``var = mean((x - mean)^2)``. Centring before squaring avoids the
+    one-pass trap E[x^2] - E[x]^2, which subtracts two nearly equal numbers when ``|mean| >> std``.
+    The mean itself is still rounded, though: for float32 input with ``|mean| >> std`` the rounding
+    error of the mean enters the variance squared; :func:`batch_mean_var_shifted` removes it.
+
+    Args:
+        x: the values, in any floating dtype (the result keeps it).
+        axis: the axis (or axes) to reduce; 0 is the batch dimension of an (N, D) array.
+
+    Returns:
+        ``(mean, var)`` with ``axis`` removed.
+    """
+    mean = x.mean(axis=axis, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axis, keepdims=True)
+    return np.squeeze(mean, axis=axis), np.squeeze(var, axis=axis)
+
+
+def batch_mean_var_shifted(x: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance along ``axis``, hardened against a large mean (what the forward uses).
+
+    The same two passes as :func:`batch_mean_var`, plus one correction. The rounded mean is a
+    shift, ``centred = x - mean``, and the (tiny) mean of the centred values, ``correction``, is
+    what rounding lost: ``var = mean(centred^2) - correction^2`` and ``mean + correction``. The
+    shifted-data formula is exact in real arithmetic for any shift, so the result is the same
+    mathematics; in floating point it keeps the variance's digits when ``|mean| >> std``.
+
+    When it matters: float32 (or float16, computed in float32) input whose mean is large against its
+    spread. At mean 1e5 and standard deviation 1, float32 :func:`batch_mean_var` can be off by
+    about 1e-4 relative, this by about 1e-7. In float64, or for centred data, the two agree to rounding.
+
+    Args:
+        x: the values, in any floating dtype (the result keeps it).
+        axis: the axis (or axes) to reduce; 0 is the batch dimension of an (N, D) array.
+
+    Returns:
+        ``(mean, var)`` with ``axis`` removed; ``var`` is clipped at 0.
     """
     mean = x.mean(axis=axis, keepdims=True)
     centred = x - mean
@@ -77,7 +124,14 @@ def batch_mean_var(x: np.ndarray, axis=0) -> tuple[np.ndarray, np.ndarray]:
 def batchnorm_forward(x, gamma, beta, eps: float = 1e-5) -> tuple[np.ndarray, BatchNormCache]:
     """Training-mode batch normalization of ``x`` with shape (N, D) (Algorithm 1).
 
-    Returns ``(out, cache)``; ``out`` has the shape of ``x``.
+    Args:
+        x: the mini-batch, N examples of D features (N >= 2).
+        gamma: the scale, (D,).
+        beta: the shift, (D,).
+        eps: added to the variance before the square root (>= 0).
+
+    Returns:
+        ``(out, cache)``: ``out`` has the shape of ``x``; ``cache`` is what the backward needs.
     """
     x = _as_float_array(x)
     if x.ndim != 2:
@@ -91,18 +145,25 @@ def batchnorm_forward(x, gamma, beta, eps: float = 1e-5) -> tuple[np.ndarray, Ba
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
 
-    mean, var = batch_mean_var(x, axis=0)
+    # Algorithm 1, one line per step; the mean and variance are batch_mean_var's two lines with a
+    # correction that keeps float32 digits when |mean| >> std (see batch_mean_var_shifted)
+    mean, var = batch_mean_var_shifted(x, axis=0)  # mini-batch mean mu_B and variance sigma_B^2
     std = np.sqrt(var + eps)
-    x_hat = (x - mean) / std
-    out = gamma * x_hat + beta
+    x_hat = (x - mean) / std  # normalize
+    out = gamma * x_hat + beta  # scale and shift
     return out, BatchNormCache(x, mean, var, eps, x_hat, gamma, std)
 
 
 def batchnorm_backward(dout, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients ``(dx, dgamma, dbeta)`` by the compact formula.
 
-    With m = N and dx_hat = gamma * dout:
+    With m = N and dx_hat = gamma * dout::
+
         dx = (1 / (m * std)) * (m * dx_hat - sum(dx_hat) - x_hat * sum(dx_hat * x_hat))
+
+    Args:
+        dout: the upstream gradient, shaped like the forward output (N, D).
+        cache: what :func:`batchnorm_forward` returned with the output.
     """
     dout = np.asarray(dout, dtype=cache.x_hat.dtype)
     if dout.shape != cache.x_hat.shape:
@@ -121,6 +182,10 @@ def batchnorm_backward_graph(dout, cache: BatchNormCache) -> tuple[np.ndarray, n
 
     Forward graph: mu = mean(x); xc = x - mu; var = mean(xc^2); std = sqrt(var + eps);
     inv = 1/std; x_hat = xc * inv; y = gamma * x_hat + beta. Each line below undoes one node.
+
+    Args:
+        dout: the upstream gradient, shaped like the forward output (N, D).
+        cache: what :func:`batchnorm_forward` returned with the output.
     """
     dout = np.asarray(dout, dtype=cache.x_hat.dtype)
     m = dout.shape[0]
@@ -143,7 +208,15 @@ def batchnorm_backward_graph(dout, cache: BatchNormCache) -> tuple[np.ndarray, n
 def batchnorm_inference(x, running_mean, running_var, gamma, beta, eps: float = 1e-5) -> np.ndarray:
     """Inference-mode batch normalization (Algorithm 2): one fixed affine map per feature.
 
-    y = gamma / sqrt(running_var + eps) * x + (beta - gamma * running_mean / sqrt(running_var + eps))
+    ``y = gamma / sqrt(running_var + eps) * x + (beta - gamma * running_mean / sqrt(running_var + eps))``
+
+    Args:
+        x: the input, (N, D).
+        running_mean: the population mean, (D,).
+        running_var: the population variance, (D,).
+        gamma: the scale, (D,).
+        beta: the shift, (D,).
+        eps: added to the variance before the square root.
     """
     x = _as_float_array(x)
     if x.ndim != 2:
@@ -156,9 +229,9 @@ def batchnorm_inference(x, running_mean, running_var, gamma, beta, eps: float = 
 
 
 def _to_rows(x: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) -> (N*H*W, C): one row per position, one column per channel.
+    """(N, C, H, W) -> ``(N*H*W, C)``: one row per position, one column per channel.
 
-    Built as the transpose of a (C, N*H*W) copy: that copy moves whole contiguous H*W planes and
+    Built as the transpose of a ``(C, N*H*W)`` copy: that copy moves whole contiguous ``H*W`` planes and
     is many times faster than gathering one value per channel per position; the rows are the same.
     """
     n, c, h, w = x.shape
@@ -173,8 +246,17 @@ def _from_rows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def spatial_batchnorm_forward(x, gamma, beta, eps: float = 1e-5) -> tuple[np.ndarray, BatchNormCache]:
     """Per-channel batch normalization of (N, C, H, W) input (Ioffe & Szegedy §3.2).
 
-    Statistics are taken over N*H*W values per channel: every position of every example is one
-    more sample of the channel, so the effective batch size is m' = N*H*W.
+    Statistics are taken over ``N*H*W`` values per channel: every position of every example is one
+    more sample of the channel, so the effective batch size is m' = ``N*H*W``.
+
+    Args:
+        x: the input, (N, C, H, W).
+        gamma: the scale, (C,).
+        beta: the shift, (C,).
+        eps: added to the variance before the square root.
+
+    Returns:
+        ``(out, cache)`` as :func:`batchnorm_forward`; ``out`` has the shape of ``x``.
     """
     x = _as_float_array(x)
     if x.ndim != 4:
@@ -184,7 +266,12 @@ def spatial_batchnorm_forward(x, gamma, beta, eps: float = 1e-5) -> tuple[np.nda
 
 
 def spatial_batchnorm_backward(dout, cache: BatchNormCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients ``(dx, dgamma, dbeta)`` of :func:`spatial_batchnorm_forward`."""
+    """Gradients ``(dx, dgamma, dbeta)`` of :func:`spatial_batchnorm_forward`.
+
+    Args:
+        dout: the upstream gradient, (N, C, H, W).
+        cache: what :func:`spatial_batchnorm_forward` returned with the output.
+    """
     dout = np.asarray(dout)
     if dout.ndim != 4:
         raise ValueError(f"expected dout of shape (N, C, H, W), got shape {dout.shape}")
@@ -195,14 +282,21 @@ def spatial_batchnorm_backward(dout, cache: BatchNormCache) -> tuple[np.ndarray,
 def batchnorm_jacobian(x, eps: float = 1e-5) -> np.ndarray:
     """Jacobian d x_hat / d x of one feature's normalization over a batch of m values.
 
-    J = (1 / std) * (I - 1 1^T / m - x_hat x_hat^T / m), exact for every eps when
-    x_hat = (x - mean) / sqrt(var + eps).
+    ``J = (1 / std) * (I - 1 1^T / m - x_hat x_hat^T / m)``, exact for every eps when
+    ``x_hat = (x - mean) / sqrt(var + eps)``.
+
+    Args:
+        x: the m >= 2 values of one feature, (m,).
+        eps: added to the variance before the square root.
+
+    Returns:
+        The (m, m) matrix whose entry (i, j) is d x_hat_i / d x_j.
     """
     x = _as_float_array(x)
     if x.ndim != 1 or x.shape[0] < 2:
         raise ValueError(f"expected a vector of m >= 2 values of one feature, got shape {x.shape}")
     m = x.shape[0]
-    mean, var = batch_mean_var(x)
+    mean, var = batch_mean_var_shifted(x)
     std = np.sqrt(var + eps)
     x_hat = (x - mean) / std
     ones = np.ones((m, 1), dtype=x.dtype)

@@ -17,7 +17,7 @@ __all__ = ["BatchRenorm", "GhostBatchNorm"]
 
 
 class BatchRenorm(NormBase):
-    r"""Batch renormalization (Ioffe 2017) over (N, C, *) input, optionally in ghost batches.
+    r"""Batch renormalization (Ioffe 2017) over ``(N, C, *)`` input, optionally in ghost batches.
 
     Training, with batch statistics :math:`\mu_B, \sigma_B = \sqrt{\mathrm{Var}_B + \epsilon}` and
     running ones :math:`\mu, \sigma = \sqrt{\text{running\_var} + \epsilon}`:
@@ -35,19 +35,28 @@ class BatchRenorm(NormBase):
     ``momentum`` for the new batch; the paper averages sigma instead) are updated once per update.
     Evaluation: :math:`(x - \mu)/\sigma`, as batch normalization's.
 
+    As with ``torch.nn.BatchNorm2d``, an empty batch gives an empty output and leaves the running
+    statistics as they are, though it counts as an update (``num_batches_tracked``).
+
     Args:
         num_features: number of channels C.
-        eps, momentum, affine: as in batch normalization; momentum defaults to 0.01 here (long
-            averages, as the paper recommends, since the running statistics enter training).
-        rmax, dmax: final clipping limits (>= 1 and >= 0). Defaults 3 and 5 (the paper's).
-        warmup_steps: updates with plain batch normalization (r = 1, d = 0).
-        ramp_steps: updates over which the limits grow linearly to (rmax, dmax).
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages. Default: 0.01 (long averages,
+            as the paper recommends, since the running statistics enter training).
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        rmax: final limit of r (>= 1). Default: 3 (the paper's).
+        dmax: final limit of d (>= 0). Default: 5 (the paper's).
+        warmup_steps: updates with plain batch normalization (r = 1, d = 0). Default: 0.
+        ramp_steps: updates over which the limits grow linearly to (rmax, dmax). Default: 0.
         ghost_size: if given, the batch is split into consecutive groups of this many samples and
             each group is normalized with its own statistics (the running averages use their
             average): what each device computes in data-parallel training without synchronization.
+            Default: None (one group).
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
 
-    As with ``torch.nn.BatchNorm2d``, an empty batch gives an empty output and leaves the running
-    statistics as they are, though it counts as an update (``num_batches_tracked``).
+    Shape:
+        Input: ``(N, C, *)``, N a multiple of ``ghost_size`` when it is given. Output: same shape.
     """
 
     def __init__(
@@ -77,7 +86,11 @@ class BatchRenorm(NormBase):
         self.warmup_steps, self.ramp_steps, self.ghost_size = warmup_steps, ramp_steps, ghost_size
 
     def limits(self, step: int | None = None) -> tuple[float, float]:
-        """The clipping limits (r_max, d_max) in force at update ``step`` (default: the next one)."""
+        """The clipping limits (r_max, d_max) in force at update ``step`` (default: the next one).
+
+        Args:
+            step: the number of updates made before it; None for the layer's own count.
+        """
         t = int(self.num_batches_tracked) if step is None else step
         if t < self.warmup_steps:
             frac = 0.0
@@ -132,7 +145,21 @@ class GhostBatchNorm(BatchRenorm):
     """Batch normalization with statistics over groups of ``ghost_size`` samples (Hoffer et al. 2017).
 
     It is :class:`BatchRenorm` with r_max = 1 and d_max = 0; with ``ghost_size=None`` it computes
-    what ``torch.nn.BatchNorm1d/2d`` computes. Momentum defaults to 0.1, as in batch normalization.
+    what ``torch.nn.BatchNorm1d/2d`` computes. Evaluation uses the running statistics.
+
+    Args:
+        num_features: number of channels C.
+        ghost_size: samples per group; each group is normalized with its own statistics and the
+            running averages receive their average. Default: None (the whole batch, one group).
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new batch in the running averages. Default: 0.1, as in batch
+            normalization.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+
+    Shape:
+        Input: ``(N, C, *)``, N a multiple of ``ghost_size`` when it is given. Output: same shape.
     """
 
     def __init__(

@@ -88,6 +88,16 @@ def sync_batch_norm(
 
     Updates the running buffers (when given) with the global mean and the unbiased global variance
     M/(M - 1) * var, as batch normalization on the concatenated batch would.
+
+    Args:
+        input: this process's slice of the batch, ``(N, C, *)``.
+        running_mean: (C,) buffer, updated in place, or None.
+        running_var: (C,) buffer, updated in place, or None.
+        weight: gamma, (C,), or None.
+        bias: beta, (C,), or None.
+        momentum: weight of the new batch in the running averages.
+        eps: added to the variance before the square root.
+        group: the torch.distributed process group; None for every process.
     """
     F.check_batch_norm_input(input)
     out, mean, var, total = _SyncBatchNormFn.apply(input, weight, bias, eps, group)
@@ -99,12 +109,29 @@ def sync_batch_norm(
 
 
 class SyncBatchNorm(BatchNormBase):
-    """Batch normalization over (N, C, *) input with statistics synchronized across processes.
+    """Batch normalization over ``(N, C, *)`` input with statistics synchronized across processes.
 
     Arguments, parameters and buffers as ``torch.nn.SyncBatchNorm``. In training mode with an
     initialized process group of more than one process it uses :func:`sync_batch_norm`; otherwise
     (evaluation, a single process) it is ``bnlib.BatchNorm1d/2d``, exactly as torch's falls back.
     Unlike torch's, it runs on CPU tensors (with the gloo backend).
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance (> 0). Default: 1e-5.
+        momentum: weight of the new (global) batch in the running averages; ``None`` gives a
+            cumulative average. Default: 0.1.
+        affine: learn a per-channel scale (``weight``, gamma) and shift (``bias``, beta). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and ``num_batches_tracked``.
+            Default: True.
+        process_group: the torch.distributed group whose processes share statistics. Default:
+            None (every process).
+        device: where the parameters and buffers are created. Default: the default device.
+        dtype: their floating dtype. Default: the default dtype.
+        bias: with ``affine``, also learn the shift beta (keyword only, as in torch). Default: True.
+
+    Shape:
+        Input: ``(N, C, *)``, each process its own N. Output: same shape as the input.
     """
 
     def __init__(
@@ -155,6 +182,13 @@ class SyncBatchNorm(BatchNormBase):
 
         The new layer takes over the old one's Parameter and buffer objects themselves (not copies),
         so an optimizer built before the conversion keeps training the converted model.
+
+        Args:
+            module: a layer or a model; converted in place where it has children.
+            process_group: the group the new layers synchronize over; None for every process.
+
+        Returns:
+            ``module``, or its replacement when ``module`` itself is a batch-norm layer.
         """
         if is_batch_norm(module) and not isinstance(module, cls):
             ref = _any_tensor(module)

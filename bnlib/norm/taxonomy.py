@@ -17,7 +17,7 @@ instance   H, W                   sample and channel
 group      C/G, H, W              sample and group of C/G channels
 ========== ====================== =========================================
 
-In code all four are one reshape: view (N, C, *) as (N, G, C/G, S) with S the spatial size, then
+In code all four are one reshape: view ``(N, C, *)`` as (N, G, C/G, S) with S the spatial size, then
 reduce over :data:`GROUPED_DIMS` (batch norm also over dimension 0). :func:`normalize` does exactly
 that, the layers in :mod:`bnlib.norm.per_sample` call it, and :func:`shares_statistics` draws the
 picture from the same plan, so the taxonomy figure and the implementation cannot disagree.
@@ -45,6 +45,7 @@ __all__ = [
     "standardize",
 ]
 
+#: the four methods, by the name :func:`normalize` and :func:`plan` take
 METHODS = ("batch", "layer", "instance", "group")
 #: the axes of an (N, C, H, W) tensor each method takes its statistics over
 AXES: dict[str, tuple[str, ...]] = {
@@ -58,13 +59,18 @@ GROUPED_DIMS = (2, 3)
 
 
 def plan(method: str, num_channels: int, num_groups: int | None = None) -> tuple[int, tuple[int, ...]]:
-    """How ``method`` groups an (N, C, *) tensor: the number of groups G and the dimensions of the
+    """How ``method`` groups an ``(N, C, *)`` tensor: the number of groups G and the dimensions of the
     grouped view (N, G, C/G, S) its statistics run over.
 
     >>> plan("group", 32, 8)
     (8, (2, 3))
     >>> plan("batch", 32)
     (32, (0, 2, 3))
+
+    Args:
+        method: one of :data:`METHODS`.
+        num_channels: C.
+        num_groups: G, for ``"group"`` only.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
@@ -79,7 +85,12 @@ def plan(method: str, num_channels: int, num_groups: int | None = None) -> tuple
 
 
 def grouped_view(x: Tensor, groups: int) -> Tensor:
-    """View (N, C, *) as (N, groups, C/groups, S), S the spatial size: the view every method reduces."""
+    """View ``(N, C, *)`` as (N, groups, C/groups, S), S the spatial size: the view every method reduces.
+
+    Args:
+        x: the tensor, ``(N, C, *)``.
+        groups: G, dividing C.
+    """
     # S spelled out rather than -1: an empty batch has no size to infer it from
     return x.reshape(x.shape[0], groups, x.shape[1] // groups, math.prod(x.shape[2:]))
 
@@ -89,6 +100,10 @@ def mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
 
     Two passes are numerically safe and, on the CPU, many times faster than ``torch.var_mean``
     for the small reductions of these layers.
+
+    Args:
+        x: any tensor.
+        dims: the dimensions to reduce.
     """
     dims = tuple(dims)
     mean = x.mean(dims, keepdim=True)
@@ -96,15 +111,27 @@ def mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
 
 
 def standardize(x: Tensor, dims: Sequence[int], eps: float) -> Tensor:
-    """(x - mean) / sqrt(var + eps) with the mean and biased variance over ``dims`` (kept)."""
+    """(x - mean) / sqrt(var + eps) with the mean and biased variance over ``dims`` (kept).
+
+    Args:
+        x: any tensor.
+        dims: the dimensions the statistics run over.
+        eps: added to the variance.
+    """
     mean, var = mean_var(x, dims)
     return (x - mean) * torch.rsqrt(var + eps)
 
 
 def normalize(x: Tensor, method: str, num_groups: int | None = None, eps: float = 1e-5) -> Tensor:
-    r"""Standardize an (N, C, *) tensor with the statistics ``method`` uses (no scale or shift).
+    r"""Standardize an ``(N, C, *)`` tensor with the statistics ``method`` uses (no scale or shift).
 
     .. math:: \hat x = (x - \mu) / \sqrt{\sigma^2 + \epsilon}, statistics over :data:`AXES` [method].
+
+    Args:
+        x: the tensor, ``(N, C, *)``.
+        method: one of :data:`METHODS`.
+        num_groups: G, for ``"group"`` only.
+        eps: added to the variance.
     """
     if x.dim() < 2:
         raise ValueError(f"expected input of shape (N, C, ...), got {x.dim()}D input")
@@ -116,8 +143,14 @@ def normalize(x: Tensor, method: str, num_groups: int | None = None, eps: float 
 def shares_statistics(
     method: str, shape: Sequence[int], index: Sequence[int] | None = None, num_groups: int | None = None
 ) -> Tensor:
-    """Boolean mask over ``shape`` (N, C, *): the values normalized with the same mean and variance
+    """Boolean mask over ``shape`` ``(N, C, *)``: the values normalized with the same mean and variance
     as the value at ``index`` (default: the first), following :func:`plan`, the code path of :func:`normalize`.
+
+    Args:
+        method: one of :data:`METHODS`.
+        shape: the tensor's shape, ``(N, C, *)``.
+        index: the value to start from; default the first.
+        num_groups: G, for ``"group"`` only.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:

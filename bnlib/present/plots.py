@@ -11,6 +11,7 @@ from cycler import cycler
 
 __all__ = ["OKABE_ITO", "PLAIN", "BN", "use_book_style"]
 
+#: Okabe & Ito's eight colours, distinguishable with every common kind of colour blindness
 OKABE_ITO = {
     "orange": "#E69F00",
     "sky blue": "#56B4E9",
@@ -21,8 +22,10 @@ OKABE_ITO = {
     "reddish purple": "#CC79A7",
     "black": "#000000",
 }
-PLAIN = OKABE_ITO["vermillion"]  # networks without batch normalization
-BN = OKABE_ITO["blue"]  # networks with batch normalization
+#: the colour of networks without batch normalization
+PLAIN = OKABE_ITO["vermillion"]
+#: the colour of networks with batch normalization
+BN = OKABE_ITO["blue"]
 
 
 def use_book_style() -> None:

@@ -21,13 +21,18 @@ from bnlib.lab.seeds import Spread
 
 __all__ = ["GLUE_DIGITS", "TOLERANCE_KEY", "Table", "bound", "glue", "upper_decade"]
 
-GLUE_DIGITS = 6  # significant digits of a glued float
-TOLERANCE_KEY = "bnbook"  # output metadata: {"bnbook": {"tolerance": t}} on a glued measured value
+#: significant digits of a glued float
+GLUE_DIGITS = 6
+#: the output metadata key of a glued measured value's tolerance, ``{"bnbook": {"tolerance": t}}``
+TOLERANCE_KEY = "bnbook"
 GLUE_PREFIX = "application/papermill.record/"  # myst-nb's mime prefix for glued (not displayed) values
 
 
 def upper_decade(x: float) -> float:
-    """Smallest power of ten at or above |x| (0 for 0): a bound that last-bit noise does not move.
+    """Smallest power of ten at or above ``|x|`` (0 for 0): a bound that last-bit noise does not move.
+
+    Args:
+        x: any finite number (NaN raises ValueError).
 
     >>> upper_decade(2.4e-7)
     1e-06
@@ -46,6 +51,11 @@ def bound(x: float, below: float) -> str:
     The text depends only on ``below``, never on the last bits of ``x``, so it cannot flip between
     CPUs; and it is a check: a value at or above ``below`` (or NaN) raises instead of printing.
 
+    Args:
+        x: the quantity, e.g. a relative error.
+        below: the bound it must stay under, chosen from the precision (float64: 1e-12 for relative
+            errors; float32: 1e-5), never from the value seen.
+
     >>> bound(3e-16, below=1e-12)
     '< 1e-12'
     """
@@ -60,7 +70,13 @@ def bound(x: float, below: float) -> str:
 class Table:
     """A small table that renders as HTML in the book and as aligned text elsewhere.
 
-    Cells are formatted with ``str`` (format numbers before adding them).
+    Cells are formatted with ``str`` (format numbers before adding them). The last expression of a
+    cell shows it: Jupyter uses the HTML, a plain console the text.
+
+    Args:
+        headers: one title per column.
+        rows: the rows, each with one cell per header (ValueError otherwise).
+        caption: a line above the table; empty for none.
     """
 
     def __init__(self, headers: Sequence[str], rows: Sequence[Sequence[object]], caption: str = "") -> None:
@@ -115,6 +131,13 @@ def glue(name: str, value: object, display: bool = False, tol: float | None = No
       one test example of an accuracy).
 
     Without a tolerance the value is compared exactly.
+
+    Args:
+        name: the key the text refers to.
+        value: a number, a string, a figure, or a :class:`~bnlib.lab.seeds.Spread`.
+        display: also show the value in the cell's output (not with ``tol``).
+        tol: the absolute tolerance a measured value is compared by; None for exact.
+        resolution: for a Spread, the smallest change the measurement can show (widens the tolerance).
     """
     if isinstance(value, Spread):
         if tol is not None:

@@ -13,14 +13,22 @@ __all__ = ["full_scale", "pick_device", "seed_everything", "setup"]
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """CUDA when available (or ``prefer`` when given, e.g. "cpu"), else the CPU."""
+    """CUDA when available (or ``prefer`` when given, e.g. "cpu"), else the CPU.
+
+    Args:
+        prefer: a device name that overrides the choice; None to choose.
+    """
     if prefer is not None:
         return torch.device(prefer)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (all devices)."""
+    """Seed Python's, NumPy's and torch's generators (all devices).
+
+    Args:
+        seed: the seed for all three.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -34,6 +42,14 @@ def setup(seed: int = 0, threads: int = 1, prefer: str | None = None) -> torch.d
 
     Float reductions can change with the number of threads, so the book runs with one
     thread by default: stored outputs then match wherever they are re-executed on a CPU.
+
+    Args:
+        seed: the seed of Python's, NumPy's and torch's generators.
+        threads: torch's number of CPU threads.
+        prefer: a device name that overrides the choice (see :func:`pick_device`).
+
+    Returns:
+        The device the chapter's tensors go to.
     """
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")

@@ -25,7 +25,12 @@ __all__ = ["figure_png", "frame_slider", "plot_layer_distributions", "stack_pngs
 
 
 def figure_png(fig: Figure, dpi: int = 60) -> bytes:
-    """The figure as PNG bytes (light: low dpi). The figure is not closed."""
+    """The figure as PNG bytes (light: low dpi). The figure is not closed.
+
+    Args:
+        fig: a matplotlib figure.
+        dpi: the resolution of the PNG.
+    """
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
@@ -35,6 +40,12 @@ def frame_slider(frames: Sequence[bytes], labels: Sequence[str], description: st
     """A slider that shows ``frames[i]`` (PNG bytes) at position ``labels[i]``, linked in the browser.
 
     Returns an ``ipywidgets.VBox``; display it as the last expression of a cell.
+
+    Args:
+        frames: the PNG images, one per slider position.
+        labels: the distinct label of each position.
+        description: the slider's title.
+        value: the position shown first.
     """
     import ipywidgets as w
 
@@ -54,6 +65,9 @@ def stack_pngs(frames: Sequence[bytes]) -> bytes:
 
     Frames narrower than the widest are padded on the right with white. Returns PNG bytes, for
     ``IPython.display.Image(data=...)``.
+
+    Args:
+        frames: at least one PNG image.
     """
     from PIL import Image
 
