@@ -1,11 +1,12 @@
-"""bnlib.lab.experiments: small_batches (batch orders, training, BN conversion) and recurrent (normalized RNNs)."""
+"""bnlib.lab.experiments: small_batches (training recipe, BN conversion) and recurrent (normalized RNNs)."""
 
 import pytest
 import torch
 
 import bnlib
 from bnlib import norm
-from bnlib.lab.data import Split
+from bnlib.lab import models, training
+from bnlib.lab.data import Split, index_batches
 from bnlib.lab.experiments import recurrent, small_batches
 from bnlib.norm import population
 
@@ -19,21 +20,36 @@ def _toy(n=120, d=6, classes=3, seed=0):
     return Split(x[:90], y[:90], x[90:], y[90:])
 
 
-def test_class_sorted_batches_hold_one_class_and_cover_the_data():
-    y = torch.arange(100) % 4
-    batches = small_batches.class_sorted_batches(y, 5, 2, torch.Generator().manual_seed(0))
-    assert len(batches) == 2 * 4 * 5
-    assert all(len(torch.unique(y[b])) == 1 and len(b) == 5 for b in batches)
-    assert sorted(torch.cat(batches[:20]).tolist()) == list(range(100))  # one epoch, every example once
-    with pytest.raises(ValueError):
-        small_batches.class_sorted_batches(y, 0, 1, torch.Generator())
+def test_fit_is_train_with_the_chapter_recipe():
+    """fit = the lab's one loop with SGD (momentum, weight decay) and a cosine schedule over the given batches."""
+    data = _toy()
+    order = list(index_batches(len(data.x_train), 10, torch.Generator().manual_seed(2), epochs=3))
+    build = lambda: models.mlp([6, 8, 3], "relu", bnlib.BatchNorm1d, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    net = build()
+    losses = small_batches.fit(net, data.x_train, data.y_train, order, lr=0.05)
+    ref = build()
+    hist = training.train(
+        ref, data.x_train, data.y_train, batches=order,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-4),
+        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, len(order)),
+    )  # fmt: skip
+    assert losses.shape == (len(order),) and torch.equal(losses, torch.from_numpy(hist.train_loss))
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
 
 
-def test_iid_batches():
-    batches = small_batches.iid_batches(10, 3, 2, torch.Generator().manual_seed(0))
-    assert len(batches) == 6 and all(len(b) == 3 for b in batches)
-    with pytest.raises(ValueError):
-        small_batches.iid_batches(10, 11, 1, torch.Generator())
+def test_run_takes_its_batches_from_the_one_sampler():
+    """run's sorted order is index_batches with labels, seeded by seed + 1: the same as fit on those batches."""
+    data = _toy()
+    _, net = small_batches.run(data, "batch", sizes=(6, 8, 3), batch_size=10, epochs=2, lr=0.05, order="sorted", seed=4)
+    order = list(index_batches(90, 10, torch.Generator().manual_seed(5), epochs=2, labels=data.y_train))
+    assert all(len(torch.unique(data.y_train[b])) == 1 for b in order)
+    ref = models.mlp([6, 8, 3], "relu", norm.factory("batch"), generator=torch.Generator().manual_seed(4))
+    small_batches.fit(ref, data.x_train, data.y_train, order, lr=0.05)
+    for a, b in zip(net.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="order"):
+        small_batches.run(data, "batch", order="shuffled")
 
 
 @pytest.mark.parametrize("method", [None, "batch", "group", "layer"])
@@ -91,7 +107,29 @@ def test_train_rnn_reduces_the_loss():
     x = torch.randn(128, 5, 3, generator=g) + y.view(-1, 1, 1).float() * 2
     rnn = recurrent.NormRNN(3, 8, 2, "layer", generator=g)
     losses = recurrent.train_rnn(rnn, x, y, epochs=20, batch_size=32)
+    assert losses.shape == (20 * 4,)
     assert losses[-4:].mean() < 0.5 * losses[:4].mean()
+
+
+def test_train_rnn_clips_the_gradient_before_each_step():
+    """train_rnn = the lab's one loop with Adam and gradient-norm clipping between backward and step."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 2, (70,), generator=g)
+    x = torch.randn(70, 5, 3, generator=g) * 5
+    build = lambda: recurrent.NormRNN(3, 8, 2, "batch", generator=torch.Generator().manual_seed(1))  # noqa: E731
+    rnn, ref = build(), build()
+    norms = []
+
+    def clip(model):
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)))
+
+    losses = recurrent.train_rnn(rnn, x, y, epochs=2, batch_size=16, clip=0.1, seed=3)
+    order = index_batches(70, 16, torch.Generator().manual_seed(3), epochs=2)
+    hist = training.train(ref, x, y, batches=order, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), before_step=clip)
+    assert len(norms) == len(losses) == 8 and max(norms) > 0.1  # the clip was active
+    assert torch.equal(losses, torch.from_numpy(hist.train_loss))
+    for a, b in zip(rnn.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_helpers():

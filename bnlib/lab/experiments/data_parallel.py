@@ -8,13 +8,17 @@ global batches in several processes and in one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from bnlib.lab.data import index_batches
+from bnlib.lab.measure import snapshot
 from bnlib.lab.models import mlp
+from bnlib.lab.training import train
 from bnlib.norm.modules import BatchNorm1d
 from bnlib.norm.sync import SyncBatchNorm
 
@@ -74,34 +78,12 @@ def try_torch_sync_batchnorm(rank: int, world_size: int) -> str | None:
 
 def _global_batches(n: int, global_batch: int, steps: int, seed: int) -> list[Tensor]:
     """Indices of ``steps`` global batches, epoch after epoch without replacement (the same in every process)."""
-    if global_batch > n:
-        raise ValueError(f"global batch {global_batch} is larger than the training set ({n})")
-    g = torch.Generator().manual_seed(seed)
-    out: list[Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out += list(perm[: n - n % global_batch].split(global_batch))
-    return out[:steps]
+    return list(itertools.islice(index_batches(n, global_batch, torch.Generator().manual_seed(seed)), steps))
 
 
-def _sgd_run(net: nn.Module, batches, lr: float, step_hook: Callable[[list[Tensor]], None] | None = None) -> Tensor:
-    params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    losses = []
-    net.train()
-    for xb, yb in batches:
-        loss = nn.functional.cross_entropy(net(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        if step_hook is not None:
-            step_hook(params)
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses)
-
-
-def _allreduce_mean(params: list[Tensor]) -> None:
+def _all_reduce_mean(model: nn.Module) -> None:
     """Average the gradients over the processes with one all-reduce (what DistributedDataParallel does)."""
+    params = list(model.parameters())
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
@@ -109,6 +91,16 @@ def _allreduce_mean(params: list[Tensor]) -> None:
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
+
+
+def _sgd_momentum(
+    net: nn.Module, x: Tensor, y: Tensor, batches: list[Tensor], lr: float, before_step: Callable | None = None
+) -> dict:
+    """SGD with momentum 0.9 on :func:`bnlib.lab.training.train`; the final state and the losses."""
+    history = train(
+        net, x, y, batches=batches, optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=0.9), before_step=before_step
+    )
+    return {"state": snapshot(net), "losses": torch.from_numpy(history.train_loss)}
 
 
 def train_data_parallel(
@@ -131,10 +123,24 @@ def train_data_parallel(
     all-reduce per step. ``sync=True`` converts the BN layers to :class:`SyncBatchNorm`;
     otherwise each process normalizes with its own per_process examples.
 
-    Returns ``{"state": the final state_dict, "losses": this process's training losses}``. Running
-    statistics differ between processes with per-process BN (DistributedDataParallel would
+    Running statistics differ between processes with per-process BN (DistributedDataParallel would
     broadcast process 0's); the parameters are the same everywhere. ``dtype=torch.float64`` makes
     runs comparable over many steps: small-batch training amplifies float32 rounding quickly.
+
+    Args:
+        rank, world_size: this process and the number of processes (given by :func:`bnlib.lab.launch.launch`).
+        x, y: the training set (the same in every process).
+        sync: synchronized BN (True) or per-process BN.
+        sizes: layer sizes of the MLP.
+        per_process: examples per process and step.
+        steps: SGD steps.
+        lr: learning rate.
+        seed: seed of the initialization (``seed``) and of the batch order (``seed + 1``).
+        dtype: the dtype to train in.
+
+    Returns:
+        ``{"state": the final parameters and buffers by name (:func:`bnlib.lab.measure.snapshot`),
+        "losses": this process's training losses}``.
     """
     net = mlp(list(sizes), "relu", BatchNorm1d, generator=torch.Generator().manual_seed(seed)).to(dtype)
     x = x.to(dtype)
@@ -144,8 +150,7 @@ def train_data_parallel(
         idx[rank * per_process : (rank + 1) * per_process]
         for idx in _global_batches(len(x), world_size * per_process, steps, seed + 1)
     ]
-    losses = _sgd_run(net, ((x[i], y[i]) for i in mine), lr, _allreduce_mean)
-    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}
+    return _sgd_momentum(net, x, y, mine, lr, _all_reduce_mean)
 
 
 def train_one_process(
@@ -160,10 +165,19 @@ def train_one_process(
     dtype: torch.dtype = torch.float32,
 ) -> dict:
     """The single-process counterpart of :func:`train_data_parallel`: same network initialization,
-    same global batches, same optimizer, with the normalization layer ``norm`` (e.g.
-    ``bnlib.BatchNorm1d``, or ``bnlib.norm.factory("ghost", ghost_size=2)`` for per-process BN)."""
+    same global batches, same optimizer, with the normalization layer ``norm``.
+
+    Args:
+        x, y: the training set.
+        norm: normalization factory, e.g. ``bnlib.BatchNorm1d``, or ``bnlib.norm.factory("ghost",
+            ghost_size=2)`` for what per-process BN computes.
+        sizes: layer sizes of the MLP.
+        batch_size: the global batch (world_size * per_process of the data-parallel run).
+        steps, lr, seed, dtype: as in :func:`train_data_parallel`.
+
+    Returns:
+        ``{"state": ..., "losses": ...}`` as :func:`train_data_parallel`.
+    """
     net = mlp(list(sizes), "relu", norm, generator=torch.Generator().manual_seed(seed)).to(dtype)
     x = x.to(dtype)
-    batches = _global_batches(len(x), batch_size, steps, seed + 1)
-    losses = _sgd_run(net, ((x[i], y[i]) for i in batches), lr)
-    return {"state": {k: v.clone() for k, v in net.state_dict().items()}, "losses": losses}
+    return _sgd_momentum(net, x, y, _global_batches(len(x), batch_size, steps, seed + 1), lr)

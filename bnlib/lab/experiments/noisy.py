@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from bnlib.norm.channels import reduce_dims
 from bnlib.norm.modules import is_batch_norm
 
 __all__ = ["NoisyBN", "add_noise", "LpBatchNorm"]
@@ -152,7 +153,7 @@ class LpBatchNorm(nn.Module):
             raise ValueError(f"expected input of shape (N, {self.num_features}, ...), got {tuple(input.shape)}")
         shape = (1, self.num_features) + (1,) * (input.dim() - 2)
         if self.training:
-            dims = [0, *range(2, input.dim())]  # every axis but the channel's
+            dims = reduce_dims(input)
             if input.numel() // self.num_features < 2:
                 raise ValueError(f"expected more than 1 value per channel when training, got input size {input.shape}")
             mean = input.mean(dims, keepdim=True)

@@ -22,6 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from bnlib.lab.data import index_batches
+from bnlib.lab.measure import preserved
+from bnlib.lab.training import train
 from bnlib.norm import LayerNorm
 from bnlib.norm.modules import BatchNorm1d
 
@@ -119,36 +122,42 @@ def train_rnn(
     clip: float = 1.0,
     seed: int = 0,
 ) -> Tensor:
-    """Adam with gradient-norm clipping, shuffled batches; returns the training losses."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g).to(x.device)
-        for idx in perm[: len(x) - len(x) % batch_size].split(batch_size):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            losses.append(loss.detach())
-    return torch.stack(losses)
+    """The chapter's recipe on :func:`bnlib.lab.training.train`: Adam with gradient-norm clipping on
+    shuffled batches (:func:`bnlib.lab.data.index_batches`, the last partial batch of an epoch dropped).
+
+    Args:
+        model: the network, on the device of ``x``.
+        x, y: sequences (N, T, D) and class indices.
+        epochs: passes over the data.
+        batch_size: sequences per step.
+        lr: Adam's learning rate.
+        clip: largest gradient norm (over all parameters together).
+        seed: seed of the batch order.
+
+    Returns:
+        The training losses, one per step (on the CPU).
+    """
+    order = index_batches(len(x), batch_size, torch.Generator().manual_seed(seed), epochs=epochs, device=x.device)
+    history = train(
+        model, x, y, batches=order, optimizer=lambda p: torch.optim.Adam(p, lr=lr),
+        before_step=lambda m: nn.utils.clip_grad_norm_(m.parameters(), clip),
+    )  # fmt: skip
+    return torch.from_numpy(history.train_loss)
 
 
 @torch.no_grad()
 def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_statistics: bool = False, batch_size: int = 100) -> float:
     """Test error in eval mode, or (``batch_statistics``) with every BN layer normalizing by the
-    statistics of the test batch (training-mode normalization), running statistics left untouched."""
-    was_training = model.training
-    saved = [b.clone() for b in model.buffers()]
-    model.train(batch_statistics)
-    try:
+    statistics of the test batch (training-mode normalization), running statistics left untouched.
+
+    Args:
+        model: the network.
+        x, y: test sequences and class indices.
+        batch_statistics: evaluate in training mode, each batch of ``batch_size`` normalized by itself.
+        batch_size: sequences per forward pass.
+    """
+    with preserved(model, train=batch_statistics):
         wrong = sum(int((model(xb).argmax(1) != yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    finally:
-        for b, s in zip(model.buffers(), saved):
-            b.copy_(s)
-        model.train(was_training)
     return wrong / len(x)
 
 
