@@ -50,8 +50,8 @@ BUGS = [
         "running-variance-biased",
         "the running variance is updated with the biased batch variance (no m/(m-1))",
         "bnlib/norm/channels.py",
-        "unbiased = var * (count / (count - 1))",
-        "unbiased = var",
+        "running_average_(running_var, var * (count / (count - 1)), momentum)",
+        "running_average_(running_var, var, momentum)",
         ("book/train_vs_inference.ipynb",),
     ),
     Bug(
@@ -74,8 +74,8 @@ BUGS = [
         "momentum-flipped",
         "the momentum convention is flipped (momentum weighs the old running value)",
         "bnlib/norm/channels.py",
-        "running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)",
-        "running_mean.mul_(momentum).add_(mean.to(running_mean.dtype), alpha=1 - momentum)",
+        "return running.mul_(1 - momentum).add_(value.to(running.dtype), alpha=momentum)",
+        "return running.mul_(momentum).add_(value.to(running.dtype), alpha=1 - momentum)",
         ("book/train_vs_inference.ipynb",),
     ),
     Bug(

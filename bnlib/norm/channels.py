@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "LOW_PRECISION",
+    "running_average_",
     "affine",
     "channel_shape",
     "in_compute_precision",
@@ -88,6 +89,18 @@ def affine(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
+def running_average_(running: Tensor, value: Tensor, momentum: float) -> Tensor:
+    """``running <- (1 - momentum) * running + momentum * value``, in place; returns ``running``.
+
+    Args:
+        running: the buffer that holds the running average.
+        value: this batch's value, broadcastable to ``running`` (cast to its dtype).
+        momentum: weight of the new value (PyTorch's convention, see the module docstring).
+    """
+    return running.mul_(1 - momentum).add_(value.to(running.dtype), alpha=momentum)
+
+
+@torch.no_grad()
 def update_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -111,7 +124,6 @@ def update_running_stats(
         momentum: weight of the new batch.
     """
     if running_mean is not None:
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_average_(running_mean, mean, momentum)
     if running_var is not None:
-        unbiased = var * (count / (count - 1))
-        running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        running_average_(running_var, var * (count / (count - 1)), momentum)

@@ -171,7 +171,7 @@ def _fuse_in_place(module: nn.Module) -> None:
             continue
         out.append(layer)
     if len(out) != len(layers):
-        for name in list(module._modules):
-            del module._modules[name]
+        for name, _ in list(module.named_children()):
+            delattr(module, name)
         for i, layer in enumerate(out):
             module.add_module(str(i), layer)

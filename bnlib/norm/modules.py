@@ -31,7 +31,7 @@ def is_batch_norm(module: nn.Module) -> bool:
     Args:
         module: any module.
     """
-    return isinstance(module, (BatchNormBase, nn.modules.batchnorm._BatchNorm))
+    return isinstance(module, (BatchNormBase, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
 
 
 def normalize_with_running_stats(x: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from bnlib.norm.channels import reduce_dims
+from bnlib.norm.channels import reduce_dims, running_average_
 from bnlib.norm.modules import is_batch_norm
 
 __all__ = ["NoisyBN", "add_noise", "LpBatchNorm"]
@@ -164,9 +164,8 @@ class LpBatchNorm(nn.Module):
                 scale = centred.abs().mean(dims, keepdim=True)
             else:
                 scale = centred.pow(2).mean(dims, keepdim=True).sqrt()
-            with torch.no_grad():
-                self.running_mean.lerp_(mean.detach().view(-1), self.momentum)
-                self.running_scale.lerp_(scale.detach().view(-1), self.momentum)
+            running_average_(self.running_mean, mean.detach().view(-1), self.momentum)
+            running_average_(self.running_scale, scale.detach().view(-1), self.momentum)
         else:
             centred, scale = input - self.running_mean.view(shape), self.running_scale.view(shape)
         x_hat = centred / (scale + self.eps)
