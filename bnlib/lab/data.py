@@ -25,7 +25,14 @@ __all__ = ["Split", "mnist_5k", "digits_8x8", "index_batches", "batches"]
 
 @dataclass(frozen=True)
 class Split:
-    """Training and test tensors; ``x`` is (N, features) or (N, 1, H, W), ``y`` holds class indices."""
+    """Training and test tensors; ``x`` is (N, features) or (N, 1, H, W), ``y`` holds class indices.
+
+    Args:
+        x_train: training inputs.
+        y_train: training class indices (int64), one per training input.
+        x_test: test inputs.
+        y_test: test class indices (int64), one per test input.
+    """
 
     x_train: Tensor
     y_train: Tensor
@@ -34,9 +41,11 @@ class Split:
 
     @property
     def num_classes(self) -> int:
+        """The number of classes, one more than the largest class index in either set."""
         return int(torch.cat([self.y_train, self.y_test]).max()) + 1
 
     def to(self, device: torch.device | str) -> Split:
+        """The same split with every tensor on ``device``."""
         return Split(*(t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test)))
 
 
@@ -90,7 +99,15 @@ def mnist_5k(
 def digits_8x8(
     test_size: int = 297, seed: int = 0, images: bool = False, standardize: bool = False, binarize: bool = False
 ) -> Split:
-    """scikit-learn's 1,797 8x8 digits, pixels scaled to [0, 1]; arguments as in :func:`mnist_5k`."""
+    """scikit-learn's 1,797 8x8 digits, pixels scaled to [0, 1] (or binarized at 0.5, or standardized).
+
+    Args:
+        test_size: examples held out for testing (the rest train).
+        seed: shuffling seed.
+        images: return (N, 1, 8, 8) instead of (N, 64).
+        standardize: subtract the training pixels' mean and divide by their standard deviation.
+        binarize: pixels become 0 or 1.
+    """
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -184,7 +201,8 @@ def batches(
     """Mini-batches ``(x_b, y_b)`` in the order of :func:`index_batches` (one shuffled epoch by default).
 
     Args:
-        x, y: inputs and targets (first dimension: examples).
+        x: inputs (first dimension: examples).
+        y: targets, one per example.
         batch_size: examples per batch.
         generator: the source of every shuffle.
         drop_last: drop the last, partial batch of an epoch.

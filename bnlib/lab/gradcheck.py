@@ -16,6 +16,12 @@ def numeric_gradient(
 
     ``x`` is perturbed in place one entry at a time and restored; use float64 (the truncation
     error is O(h^2), the rounding error about machine epsilon / h).
+
+    Args:
+        f: the function; it may return an array of any shape.
+        x: the point (float64; restored after the differences).
+        dout: the weights of ``f(x)``'s entries, the shape of ``f(x)`` (the upstream gradient).
+        h: the step of the centred differences.
     """
     if x.dtype != np.float64:
         raise ValueError(f"numeric gradients need a float64 array, got {x.dtype}")
@@ -34,7 +40,13 @@ def numeric_gradient(
 
 
 def numeric_jacobian(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """Jacobian of a vector function ``f`` at the vector ``x`` by centred differences: J[i, j] = d f_i / d x_j."""
+    """Jacobian of a vector function ``f`` at the vector ``x`` by centred differences: J[i, j] = d f_i / d x_j.
+
+    Args:
+        f: maps a vector to a vector.
+        x: the point (a copy in float64 is used).
+        h: the step of the centred differences.
+    """
     x = np.array(x, dtype=np.float64)
     if x.ndim != 1:
         raise ValueError(f"expected a vector x, got shape {x.shape}")
@@ -51,6 +63,10 @@ def rel_error(a, b) -> float:
 
     Normwise rather than elementwise: an entry that is tiny by cancellation carries the
     centred difference's absolute error (about 1e-10) and would dominate an elementwise measure.
+
+    Args:
+        a: an array.
+        b: an array of the same shape.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:

@@ -48,9 +48,22 @@ _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class ExactBatchNorm1d(BatchNorm1d):
     """``bnlib.BatchNorm1d`` with ``eps = 0`` by default: the scale-invariance identities above hold
     exactly (to rounding) rather than up to eps. torch.nn, and ``bnlib.BatchNorm1d``, refuse
-    eps <= 0; this experimental layer accepts 0. Same arguments, shapes and state_dict otherwise.
+    eps <= 0; this experimental layer accepts 0. The state_dict is that of ``bnlib.BatchNorm1d``.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance; 0 or positive. Default: 0.
+        **kwargs: the other arguments of :class:`bnlib.norm.modules.BatchNorm1d`: ``momentum``
+            (weight of the new batch in the running averages, None for a cumulative average;
+            default 0.1), ``affine`` (learn gamma and beta; default True), ``track_running_stats``
+            (keep running averages; default True), ``device``, ``dtype``, and ``bias`` (with
+            ``affine``, also learn beta; default True).
+
+    Shape:
+        Input: (N, C) or (N, C, L). Output: same shape as the input.
     """
 
+    #: accept eps = 0 (the base class refuses it)
     allows_zero_eps = True
 
     def __init__(self, num_features: int, eps: float = 0.0, **kwargs) -> None:
@@ -64,6 +77,9 @@ def invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     normalization layer (bnlib's or torch's), as in :func:`bnlib.lab.models.mlp`. Such a weight is
     scale-invariant row by row (exactly at eps = 0); its bias, if any, is cancelled by the mean
     subtraction and gets a zero gradient.
+
+    Args:
+        model: the network.
     """
     found: list[tuple[str, nn.Parameter]] = []
     for prefix, module in model.named_modules():
@@ -77,7 +93,14 @@ def invariant_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def non_invariant_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """Every parameter not returned by :func:`invariant_weights` (gamma, beta, the last layer, ...)."""
+    """Every parameter not returned by :func:`invariant_weights` (gamma, beta, the last layer, ...).
+
+    Args:
+        model: the network.
+
+    Returns:
+        ``(name, parameter)`` pairs.
+    """
     invariant = {id(p) for _, p in invariant_weights(model)}
     return [(name, p) for name, p in model.named_parameters() if id(p) not in invariant]
 
@@ -89,7 +112,11 @@ def _rows(w: Tensor) -> Tensor:
 
 
 def row_norms(w: Tensor) -> Tensor:
-    r"""Euclidean norm :math:`\|w_i\|` of each row (output unit); a vector is one row."""
+    r"""Euclidean norm :math:`\|w_i\|` of each row (output unit); a vector is one row.
+
+    Args:
+        w: a weight (out, in) or (out, in, kernel...), whose rows are flattened per output unit.
+    """
     return _rows(w).norm(dim=1)
 
 
@@ -97,6 +124,10 @@ def radial_cosine(grad: Tensor, w: Tensor) -> Tensor:
     r"""Cosine between each row's gradient and the row, :math:`\langle g_i, w_i\rangle / (\|g_i\|\|w_i\|)`.
 
     Zero (up to rounding) for scale-invariant weights: the gradient is tangent to the sphere.
+
+    Args:
+        grad: the weight's gradient.
+        w: the weight, the same shape.
     """
     if grad.shape != w.shape:
         raise ValueError(f"grad and w must have the same shape, got {tuple(grad.shape)} and {tuple(w.shape)}")
@@ -109,6 +140,10 @@ def angular_update(w_old: Tensor, w_new: Tensor) -> Tensor:
 
     Uses :math:`2\arctan(\|u - v\| / \|u + v\|)` for the unit vectors :math:`u, v`, which is
     accurate for tiny angles (``arccos`` of the cosine is not).
+
+    Args:
+        w_old: the weight before the step.
+        w_new: the weight after it, the same shape.
     """
     if w_old.shape != w_new.shape:
         raise ValueError(f"shapes differ: {tuple(w_old.shape)} and {tuple(w_new.shape)}")
@@ -123,6 +158,10 @@ def effective_lr(lr: float, w: Tensor) -> Tensor:
 
     A gradient step of size :math:`\eta` on :math:`w` moves the direction :math:`w/\|w\|` as far
     as a step of size :math:`\eta/\|w\|^2` would move a unit-norm weight.
+
+    Args:
+        lr: the learning rate :math:`\eta` (positive).
+        w: the weight.
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
@@ -133,6 +172,11 @@ def predicted_sq_norm(w: Tensor, grad: Tensor, lr: float) -> Tensor:
     r"""Each row's squared norm after one plain gradient step, :math:`\|w_i\|^2 + \eta^2\|g_i\|^2`.
 
     Exact when the gradient is orthogonal to the row (scale invariance, eps = 0).
+
+    Args:
+        w: the weight before the step.
+        grad: its gradient, the same shape.
+        lr: the learning rate :math:`\eta`.
     """
     if grad.shape != w.shape:
         raise ValueError(f"grad and w must have the same shape, got {tuple(grad.shape)} and {tuple(w.shape)}")
@@ -141,7 +185,12 @@ def predicted_sq_norm(w: Tensor, grad: Tensor, lr: float) -> Tensor:
 
 @torch.no_grad()
 def scale_invariant_(model: nn.Module, factor: float) -> nn.Module:
-    """Multiply every weight of :func:`invariant_weights` by ``factor`` in place; returns the model."""
+    """Multiply every weight of :func:`invariant_weights` by ``factor`` in place; returns the model.
+
+    Args:
+        model: the network.
+        factor: the positive scale factor.
+    """
     if not factor > 0:
         raise ValueError(f"factor must be positive, got {factor}")
     for _, w in invariant_weights(model):
@@ -161,6 +210,10 @@ def exponential_lr_factor(lr: float, wd: float) -> Callable[[int], float]:
     weights, :math:`w_{t+1} = (1-\eta\lambda) w_t - \eta \nabla L(w_t)`, gives the same network at
     every step as SGD without weight decay and learning rate :math:`\eta \cdot` this factor, whose
     weights are :math:`\tilde w_t = w_t / (1-\eta\lambda)^t`. Usable with ``torch.optim.lr_scheduler.LambdaLR``.
+
+    Args:
+        lr: the learning rate :math:`\eta` (positive).
+        wd: the weight decay :math:`\lambda` (non-negative, with :math:`\eta\lambda < 1`).
     """
     _check_lr_wd(lr, wd)
     base = 1.0 - lr * wd
@@ -168,7 +221,13 @@ def exponential_lr_factor(lr: float, wd: float) -> Callable[[int], float]:
 
 
 def exponential_lr(lr: float, wd: float, steps: int) -> np.ndarray:
-    r"""The learning rates :math:`\eta_t = \eta (1 - \eta\lambda)^{-2t-1}` for t = 0, ..., steps - 1."""
+    r"""The learning rates :math:`\eta_t = \eta (1 - \eta\lambda)^{-2t-1}` for t = 0, ..., steps - 1.
+
+    Args:
+        lr: the learning rate :math:`\eta` (positive).
+        wd: the weight decay :math:`\lambda` (non-negative, with :math:`\eta\lambda < 1`).
+        steps: the number of steps.
+    """
     _check_lr_wd(lr, wd)
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
@@ -182,6 +241,11 @@ def equilibrium_angular_update(lr: float, wd: float, exact: bool = False) -> flo
     when :math:`\eta^2\|g\|^2 = (2\eta\lambda - \eta^2\lambda^2)\|w\|^2`; the angle turned is then
     :math:`\arctan\big(\sqrt{2\eta\lambda - \eta^2\lambda^2} / (1-\eta\lambda)\big)` (``exact``),
     which is :math:`\sqrt{2\eta\lambda}` to first order (the default).
+
+    Args:
+        lr: the learning rate :math:`\eta` (positive).
+        wd: the weight decay :math:`\lambda` (non-negative, with :math:`\eta\lambda < 1`).
+        exact: the exact angle rather than its first-order approximation.
     """
     _check_lr_wd(lr, wd)
     if wd == 0:

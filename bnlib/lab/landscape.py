@@ -78,7 +78,11 @@ class ModelObjective:
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Split a flat vector into ``{parameter name: tensor}`` views."""
+        """Split a flat vector into ``{parameter name: tensor}`` views.
+
+        Args:
+            theta: a flat vector with as many values as the model has parameters.
+        """
         if theta.dim() != 1 or theta.numel() != sum(self.sizes):
             raise ValueError(f"theta must be a flat vector of {sum(self.sizes)} values, got shape {tuple(theta.shape)}")
         return {n: t.view(s) for n, t, s in zip(self.names, torch.split(theta, self.sizes), self.shapes)}
@@ -89,7 +93,11 @@ class ModelObjective:
         return self.loss_fn(out, self.y)
 
     def loss(self, theta: Tensor) -> Tensor:
-        """The loss at ``theta`` (no gradient)."""
+        """The loss at ``theta`` (no gradient).
+
+        Args:
+            theta: a flat parameter vector, laid out as :meth:`theta`.
+        """
         with torch.no_grad():
             return self._loss(self.unflatten(theta)).detach()
 
@@ -105,7 +113,7 @@ class ModelObjective:
 class GradientProbe:
     """What :func:`probe_along_gradient` measured at one point.
 
-    Attributes:
+    Args:
         etas: the step sizes.
         losses: ``L(theta - eta g)`` for each step size.
         grad_changes: ``||grad L(theta - eta g) - grad L(theta)||`` for each step size.
@@ -169,7 +177,7 @@ def probe_along_gradient(objective: Objective, theta: Tensor, etas: Sequence[flo
 class ICS:
     """Internal covariate shift of each measured layer (Santurkar et al. 2018, Definition 2.1).
 
-    Attributes:
+    Args:
         layers: parameter names of the measured weights (every weighted layer after the first).
         l2: ``||G - G'||`` per layer.
         cosine: ``<G, G'> / (||G|| ||G'||)`` per layer (1 means no shift).
@@ -241,7 +249,12 @@ def gradient_norm_bound(grad_out: Tensor, x_hat: Tensor, gamma: Tensor | float, 
     ``x_hat`` the normalized batch and ``sigma = sqrt(var + eps)``. The left-hand side is the squared
     norm of the gradient with respect to BN's input. Equality holds at ``eps = 0``; with ``eps > 0``
     the left side is smaller by ``(gamma^2 / sigma^2) <g, x_hat>^2 (1 - ||x_hat||^2 / m) / m``.
-    ``grad_out`` and ``x_hat`` have shape (m,) or (m, C) (one bound per column).
+
+    Args:
+        grad_out: the gradient with respect to BN's output, (m,) or (m, C) (one bound per column).
+        x_hat: the normalized batch, the same shape.
+        gamma: BN's scale (a number, or one per column).
+        sigma: ``sqrt(var + eps)`` of the batch (a number, or one per column).
     """
     if grad_out.shape != x_hat.shape:
         raise ValueError(
@@ -258,8 +271,14 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
     For every weight with two or more dimensions, a Gaussian direction of the same shape is drawn and
     each filter (each output unit's row, or each output channel of a convolution) is rescaled to the
     norm of the corresponding filter of the weight. One-dimensional parameters (biases, BN's gamma and
-    beta) get a zero direction, as in Li et al.'s default. Returns a flat vector in
-    ``named_parameters`` order, on the parameters' device.
+    beta) get a zero direction, as in Li et al.'s default.
+
+    Args:
+        model: the network.
+        generator: random generator for the Gaussian directions.
+
+    Returns:
+        A flat vector in ``named_parameters`` order, on the parameters' device.
     """
     parts = []
     for p in model.parameters():
@@ -280,7 +299,12 @@ def loss_surface(
 ) -> np.ndarray:
     """``L(theta + a d1 + b d2)`` on the grid ``coords x coords``: rows run over ``b``, columns over ``a``.
 
-    ``loss`` maps a flat parameter vector to a scalar, e.g. ``ModelObjective.loss``.
+    Args:
+        loss: maps a flat parameter vector to a scalar, e.g. :meth:`ModelObjective.loss`.
+        theta: the centre of the slice.
+        d1: the first direction (e.g. from :func:`filter_normalized_direction`), the shape of ``theta``.
+        d2: the second direction.
+        coords: the values of ``a`` and of ``b``.
     """
     if not (theta.shape == d1.shape == d2.shape):
         raise ValueError("theta, d1 and d2 must have the same shape")
@@ -308,6 +332,14 @@ def landscape_recorder(
     learning rate ``lr`` on ``layers`` (default: every weighted layer but the first). Recorded
     names: ``loss_range``, ``grad_change``, ``beta``, ``grad_norm``, and ``ics_l2``,
     ``ics_cosine``, ``ics_relative`` (one value per measured layer).
+
+    Args:
+        lr: the learning rate of the training run (positive).
+        multipliers: the probe's step sizes, as multiples of ``lr``.
+        loss_fn: the loss on one batch.
+        ics: also measure internal covariate shift.
+        layers: the weights :func:`internal_covariate_shift` measures (default: every weighted layer
+            but the first).
     """
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")

@@ -102,5 +102,11 @@ def launch(
 def run_several(rank: int, world_size: int, calls: Sequence[tuple[Callable[..., Any], tuple]]) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` for every ``(fn, args)`` in ``calls``, one after the other
     in the same process group, and return their results in order: one :func:`launch` (starting
-    processes costs more than most experiments) for several."""
+    processes costs more than most experiments) for several.
+
+    Args:
+        rank: this process (given by :func:`launch`).
+        world_size: the number of processes (likewise).
+        calls: ``(fn, args)`` pairs, e.g. ``launch(run_several, 2, ([(f, ()), (g, (x,))],))``.
+    """
     return [fn(rank, world_size, *args) for fn, args in calls]

@@ -34,11 +34,16 @@ __all__ = [
     "batch_companion_outputs",
 ]
 
+#: a loss function, ``loss_fn(outputs, targets)`` -> a scalar tensor (e.g. ``F.cross_entropy``)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def device_of(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    """The device of ``model``'s first parameter (the CPU for a model without parameters).
+
+    Args:
+        model: the model.
+    """
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
@@ -95,7 +100,17 @@ def preserved(model: nn.Module, train: bool | None = None) -> Iterator[nn.Module
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy) -> tuple[float, float]:
-    """Mean loss and accuracy (fraction of argmax predictions equal to ``y``) in eval mode."""
+    """Mean loss and accuracy (fraction of argmax predictions equal to ``y``) in eval mode.
+
+    Args:
+        model: a classifier returning logits (N, classes); its mode and buffers are left as they were.
+        x: inputs (moved to the model's device).
+        y: class indices.
+        loss_fn: ``loss_fn(logits, y)`` gives the mean loss.
+
+    Returns:
+        ``(loss, accuracy)`` as floats.
+    """
     with preserved(model, train=False):
         dev = device_of(model)
         logits = model(x.to(dev))
@@ -116,6 +131,15 @@ def layer_inputs(
     For ``kind=nn.Sigmoid`` in a Linear -> BN -> sigmoid network these are the sigmoid inputs
     (pre-activations) of each hidden layer, in forward order, each (N, units). Runs in eval mode by
     default (``train=True``: batch statistics, with running statistics left untouched).
+
+    Args:
+        model: the network.
+        x: the inputs it runs on (one batch).
+        kind: the module type (or types) whose inputs are captured.
+        train: run in training mode (batch statistics) rather than eval mode.
+
+    Returns:
+        One detached tensor per ``kind`` module, in forward order.
     """
     targets = [m for m in model.modules() if isinstance(m, kind)]
     if not targets:
@@ -139,6 +163,10 @@ def percentiles(z: Tensor, q: Sequence[float] = (15, 50, 85)) -> Tensor:
 
     Percentiles are in 0..100 and interpolate linearly (``torch.quantile``), as in Ioffe &
     Szegedy's Fig. 1(b, c), which follows the {15, 50, 85}th percentiles of one sigmoid's input.
+
+    Args:
+        z: values (examples, units).
+        q: the percentiles, each in 0..100.
     """
     if z.dim() != 2:
         raise ValueError(f"z must be (examples, units), got shape {tuple(z.shape)}")
@@ -151,9 +179,14 @@ def percentiles(z: Tensor, q: Sequence[float] = (15, 50, 85)) -> Tensor:
 def sigmoid_saturation(z: Tensor, margin: float = 0.05, dim: int | None = None) -> Tensor:
     """Fraction of sigmoid inputs ``z`` whose output lies within ``margin`` of 0 or 1.
 
-    sigma(z) < margin or > 1 - margin  <=>  |z| > log((1 - margin) / margin) (2.94 for 0.05);
-    there the local gradient sigma'(z) = sigma(z)(1 - sigma(z)) is below margin(1 - margin).
-    ``dim=None`` averages over everything; ``dim=0`` gives one fraction per unit.
+    ``sigma(z) < margin`` or ``sigma(z) > 1 - margin`` exactly when ``|z| > log((1 - margin) / margin)``
+    (2.94 for 0.05); there the local gradient ``sigma'(z) = sigma(z) (1 - sigma(z))`` is below
+    ``margin (1 - margin)``.
+
+    Args:
+        z: sigmoid inputs, e.g. from :func:`layer_inputs`.
+        margin: distance from 0 and 1 that counts as saturated, in (0, 0.5).
+        dim: ``None`` averages over everything; ``dim=0`` gives one fraction per unit.
     """
     if not 0 < margin < 0.5:
         raise ValueError(f"margin must lie in (0, 0.5), got {margin}")
@@ -175,8 +208,16 @@ def dead_and_linear(
     (the ReLU passes everything through unchanged). Inputs are taken as :func:`layer_inputs` takes
     them, with batch statistics by default (``train=True``: ``x`` is normalized as one batch, the
     running statistics are left untouched); an input of more than two dimensions is flattened per
-    example, so that every position counts as a unit. Returns ``(dead, linear)``, two 1-D tensors
-    with one fraction per layer, in forward order.
+    example, so that every position counts as a unit.
+
+    Args:
+        model: the network.
+        x: the inputs (one batch).
+        kind: the activation type (or types) whose inputs are examined.
+        train: take the inputs with batch statistics (True) or in eval mode.
+
+    Returns:
+        ``(dead, linear)``, two 1-D tensors with one fraction per layer, in forward order.
     """
     zs = [z.reshape(len(z), -1) for z in layer_inputs(model, x, kind=kind, train=train)]
     positive = [(z > 0).sum(dim=0) for z in zs]  # per unit: on how many examples the input is positive
@@ -203,7 +244,16 @@ def grad_norms(
 
     Computed on the batch ``(x, y)`` in training mode (batch statistics, as during training), with
     ``torch.autograd.grad``: ``.grad`` fields and running statistics stay untouched.
-    Returns a 1-D tensor, one norm per layer.
+
+    Args:
+        model: the network.
+        x: inputs of the batch.
+        y: its targets.
+        loss_fn: ``loss_fn(model(x), y)`` gives the scalar loss.
+        kind: the layer type (or types) whose ``weight`` gradients are measured.
+
+    Returns:
+        A 1-D tensor, one norm per layer.
     """
     weights = [m.weight for m in model.modules() if isinstance(m, kind)]
     if not weights:
@@ -215,7 +265,17 @@ def grad_norms(
 
 
 def flat_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy) -> Tensor:
-    """The gradient of the loss on ``(x, y)`` w.r.t. all trainable parameters, as one flat vector."""
+    """The gradient of the loss on ``(x, y)`` w.r.t. all trainable parameters, as one flat vector.
+
+    Computed in training mode, as :func:`grad_norms`; a parameter the loss does not reach
+    contributes zeros.
+
+    Args:
+        model: the network.
+        x: inputs of the batch.
+        y: its targets.
+        loss_fn: ``loss_fn(model(x), y)`` gives the scalar loss.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     grads = _gradients(model, x, y, loss_fn, params)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
@@ -231,9 +291,19 @@ def batch_companion_outputs(
     examples, and each group is completed to ``batch_size`` with examples drawn at random from
     ``companions``. The model runs in training mode, so a batch-normalized network normalizes with
     the statistics of that batch and the output for one example depends on its companions (running
-    statistics are restored afterwards). Dropout, if any, draws new masks. Returns a tensor
-    (draws, len(x), outputs) in the order of ``x``: its spread over the first axis is the noise that
-    training-mode computation adds to each example's output.
+    statistics are restored afterwards). Dropout, if any, draws new masks.
+
+    Args:
+        model: the network.
+        x: the examples whose outputs are taken.
+        companions: the examples that fill up each batch.
+        draws: the number of rounds.
+        batch_size: examples per batch (at least 2), half of them from ``x``.
+        generator: the source of the random orders and companions.
+
+    Returns:
+        A tensor (draws, len(x), outputs) in the order of ``x``. Its spread over the first axis is
+        the noise that training-mode computation adds to each example's output.
     """
     if draws < 1 or batch_size < 2:
         raise ValueError(f"need draws >= 1 and batch_size >= 2, got draws={draws}, batch_size={batch_size}")

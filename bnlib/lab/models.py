@@ -16,6 +16,7 @@ from torch import nn
 __all__ = ["mlp", "small_cnn", "he_init_", "ACTIVATIONS"]
 
 NormFactory = Callable[[int], nn.Module]
+#: the activations :func:`mlp` and :func:`small_cnn` take, by name: each maps to its ``nn.Module`` class
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "relu": nn.ReLU,

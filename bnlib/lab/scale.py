@@ -7,12 +7,14 @@ import os
 
 __all__ = ["ENV_VAR", "SCALES", "full_scale", "scale"]
 
+#: the environment variable that sets the scale
 ENV_VAR = "BNBOOK_SCALE"
+#: the scales :func:`scale` accepts; the first is the default
 SCALES = ("quick", "full")
 
 
 def scale() -> str:
-    """The scale this run uses, ``"quick"`` or ``"full"``; ValueError for any other setting."""
+    """The scale this run uses, ``"quick"`` or ``"full"``, from :data:`ENV_VAR`; ValueError for any other setting."""
     value = os.environ.get(ENV_VAR, "").strip().lower() or "quick"
     if value not in SCALES:
         raise ValueError(f"{ENV_VAR} must be one of {SCALES} (or unset for quick), got {os.environ[ENV_VAR]!r}")

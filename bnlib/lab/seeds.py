@@ -28,8 +28,10 @@ __all__ = ["QUICK_SEEDS", "FULL_SEEDS", "SeedRuns", "Spread", "default_seeds", "
 
 T = TypeVar("T")
 
-QUICK_SEEDS = 3  # seeds per training claim at the quick (default) scale
-FULL_SEEDS = 5  # and at the full scale (BNBOOK_SCALE=full)
+#: seeds per training claim at the quick (default) scale
+QUICK_SEEDS = 3
+#: seeds per training claim at the full scale (``BNBOOK_SCALE=full``)
+FULL_SEEDS = 5
 
 _runs_in_this_process: list[tuple[int, ...]] = []  # the seeds of every over_seeds call, for the status page
 
@@ -46,7 +48,12 @@ def seeds_used() -> dict:
 
 
 def default_seeds(quick: int = QUICK_SEEDS, full: int = FULL_SEEDS) -> list[int]:
-    """Seeds 0, 1, ... : ``quick`` of them by default, ``full`` when ``BNBOOK_SCALE=full``."""
+    """Seeds 0, 1, ... : ``quick`` of them by default, ``full`` when ``BNBOOK_SCALE=full``.
+
+    Args:
+        quick: how many seeds at the quick scale (at least 1).
+        full: how many at the full scale (at least ``quick``).
+    """
     if quick < 1 or full < quick:
         raise ValueError(f"need 1 <= quick <= full, got quick={quick}, full={full}")
     return list(range(full if full_scale() else quick))
@@ -58,6 +65,10 @@ class Spread:
 
     ``format(spread, ".3f")`` gives ``"0.912 (0.905-0.918)"``, the mean with the range; with one
     seed it gives the value alone.
+
+    Args:
+        values: the quantity on each seed (at least one).
+        seeds: the seed of each value, in the same order.
     """
 
     values: tuple[float, ...]
@@ -71,7 +82,12 @@ class Spread:
 
     @classmethod
     def of(cls, values: Sequence[float], seeds: Sequence[int] | None = None) -> Spread:
-        """A spread from per-seed values (seeds 0, 1, ... unless given)."""
+        """A spread from per-seed values (seeds 0, 1, ... unless given).
+
+        Args:
+            values: one number per seed.
+            seeds: the seeds, in the order of ``values`` (default: 0, 1, ...).
+        """
         vals = tuple(float(v) for v in values)
         return cls(vals, tuple(int(s) for s in (range(len(vals)) if seeds is None else seeds)))
 
@@ -83,27 +99,38 @@ class Spread:
 
     @property
     def mean(self) -> float:
+        """The mean over the seeds."""
         return float(np.mean(self.values))
 
     @property
     def min(self) -> float:
+        """The smallest value."""
         return float(np.min(self.values))
 
     @property
     def max(self) -> float:
+        """The largest value."""
         return float(np.max(self.values))
 
     @property
     def range(self) -> float:
-        """max - min over the seeds: the seed-to-seed spread."""
+        """The seed-to-seed spread, ``max - min`` over the seeds."""
         return self.max - self.min
 
     def map(self, fn: Callable[[float], float]) -> Spread:
-        """The same seeds, each value transformed."""
+        """The same seeds, each value transformed by ``fn``.
+
+        Args:
+            fn: maps one value to its new value.
+        """
         return Spread(tuple(float(fn(v)) for v in self.values), self.seeds)
 
     def count(self, predicate: Callable[[float], bool]) -> int:
-        """On how many seeds ``predicate(value)`` holds."""
+        """On how many seeds ``predicate(value)`` holds.
+
+        Args:
+            predicate: a test of one value.
+        """
         return sum(bool(predicate(v)) for v in self.values)
 
     def __format__(self, spec: str) -> str:
@@ -119,7 +146,12 @@ class Spread:
 
 @dataclass(frozen=True)
 class SeedRuns(Generic[T]):
-    """What :func:`over_seeds` returns: the seeds and the result of the experiment for each."""
+    """What :func:`over_seeds` returns: the seeds and the result of the experiment for each.
+
+    Args:
+        seeds: the seeds, in the order they ran.
+        results: the experiment's result on each seed, in the same order.
+    """
 
     seeds: tuple[int, ...]
     results: tuple[T, ...]
@@ -131,14 +163,18 @@ class SeedRuns(Generic[T]):
         return iter(zip(self.seeds, self.results))
 
     def __getitem__(self, seed: int) -> T:
-        """The result of one seed (by seed, not by position)."""
+        """The result of one seed (by seed, not by position); KeyError for a seed that was not run."""
         try:
             return self.results[self.seeds.index(seed)]
         except ValueError:
             raise KeyError(f"seed {seed} was not run (seeds: {list(self.seeds)})") from None
 
     def spread(self, quantity: str | Callable[[T], Any]) -> Spread:
-        """One scalar per seed, by key (``result[key]``) or by function (``quantity(result)``)."""
+        """One scalar per seed, by key (``result[key]``) or by function (``quantity(result)``).
+
+        Args:
+            quantity: a key of each result, or a function of one result; either gives a scalar.
+        """
         get = quantity if callable(quantity) else (lambda result: result[quantity])
         values = []
         for seed, result in self:
@@ -149,7 +185,12 @@ class SeedRuns(Generic[T]):
         return Spread(tuple(values), self.seeds)
 
     def stack(self, quantity: str | Callable[[T], Any]) -> np.ndarray:
-        """Per-seed arrays (e.g. a curve over steps) stacked along a new first axis."""
+        """Per-seed arrays (e.g. a curve over steps) stacked along a new first axis.
+
+        Args:
+            quantity: a key of each result, or a function of one result; either gives an array of
+                the same shape on every seed.
+        """
         get = quantity if callable(quantity) else (lambda result: result[quantity])
         return np.stack([np.asarray(get(result)) for _, result in self])
 
@@ -159,6 +200,13 @@ def over_seeds(experiment: Callable[[int], T], seeds: Sequence[int] | None = Non
 
     The experiment must derive all of its randomness (initialization, mini-batch order, noise)
     from the seed it is given, so that seeds are independent repetitions of the same experiment.
+
+    Args:
+        experiment: the experiment, called with one seed; it returns anything.
+        seeds: the seeds to run, distinct (None: :func:`default_seeds`).
+
+    Returns:
+        A :class:`SeedRuns` of the seeds and their results.
     """
     seeds = default_seeds() if seeds is None else [int(s) for s in seeds]
     if len(seeds) == 0:

@@ -28,9 +28,9 @@ __all__ = ["Sweep", "lr_sweep", "init_sweep"]
 
 @dataclass
 class Sweep:
-    """Results of a sweep.
+    """Results of a sweep: what :func:`lr_sweep` and :func:`init_sweep` return.
 
-    Attributes:
+    Args:
         values: the swept settings (learning rates or initialization scales), shape (V,).
         seeds: the seeds, length S.
         steps: the recorded steps, length R (0 and the last step included).
@@ -49,7 +49,11 @@ class Sweep:
     histories: list[list[History]]
 
     def steps_to(self, target: float) -> np.ndarray:
-        """First recorded step with test accuracy >= ``target``, shape (S, V); NaN where never reached."""
+        """First recorded step with test accuracy >= ``target``, shape (S, V); NaN where never reached.
+
+        Args:
+            target: the test accuracy to reach.
+        """
         reached = self.accuracy >= target
         first = np.argmax(reached, axis=-1)
         out = np.asarray(self.steps, dtype=float)[first]
@@ -61,7 +65,11 @@ class Sweep:
         return self.accuracy.max(axis=-1)
 
     def trained(self, threshold: float = 0.5) -> np.ndarray:
-        """Whether each run trained: finite final training loss and some test accuracy >= ``threshold``, (S, V)."""
+        """Whether each run trained: finite final training loss and some test accuracy >= ``threshold``, (S, V).
+
+        Args:
+            threshold: the test accuracy a run must reach at some recorded step.
+        """
         finite = (
             np.isfinite(self.train_loss[..., -1])
             if self.train_loss.shape[-1]
@@ -70,7 +78,11 @@ class Sweep:
         return finite & (self.best_accuracy() >= threshold)
 
     def largest_trained(self, threshold: float = 0.5) -> np.ndarray:
-        """Per seed, the largest swept value whose run trained (NaN if none), shape (S,)."""
+        """Per seed, the largest swept value whose run trained (NaN if none), shape (S,).
+
+        Args:
+            threshold: as in :meth:`trained`.
+        """
         ok = self.trained(threshold)
         out = np.full(len(self.seeds), np.nan)
         for s in range(len(self.seeds)):
@@ -79,7 +91,11 @@ class Sweep:
         return out
 
     def index(self, value: float) -> int:
-        """Position of a swept ``value`` in :attr:`values` (ValueError if it was not swept)."""
+        """Position of a swept ``value`` in :attr:`values` (ValueError if it was not swept).
+
+        Args:
+            value: a swept setting (compared to a relative tolerance of 1e-12).
+        """
         hits = np.flatnonzero(np.isclose(self.values, float(value), rtol=1e-12, atol=0.0))
         if len(hits) == 0:
             raise ValueError(f"{value} was not swept; swept values: {self.values.tolist()}")
@@ -88,9 +104,10 @@ class Sweep:
     def spread(self, per_run: np.ndarray, value: float | None = None) -> Spread:
         """Per-seed values as a :class:`~bnlib.lab.seeds.Spread` over this sweep's seeds.
 
-        ``per_run`` is a per-run summary of shape (S, V), such as :meth:`best_accuracy` or
-        :meth:`steps_to`, of which ``value`` picks one swept setting; or a per-seed array of
-        shape (S,), such as :meth:`largest_trained`, with ``value`` left out.
+        Args:
+            per_run: a per-run summary of shape (S, V), such as :meth:`best_accuracy` or
+                :meth:`steps_to`; or a per-seed array of shape (S,), such as :meth:`largest_trained`.
+            value: for an (S, V) summary, the swept setting to take; left out for an (S,) array.
         """
         per_run = np.asarray(per_run, dtype=float)
         if per_run.shape == (len(self.seeds), len(self.values)):
@@ -179,8 +196,23 @@ def lr_sweep(
 
     The seed fixes the initialization (through ``build``) and the mini-batch order, so runs with
     the same seed differ only in the learning rate. Any other randomness (dropout) must also come
-    from the seed, inside ``build`` or the model. ``optimizer(model, lr)`` replaces plain SGD.
-    Extra ``recorders`` run at the recorded steps (``record_every`` and ``record_at``).
+    from the seed, inside ``build`` or the model.
+
+    Args:
+        build: returns a fresh network for a seed (its initialization drawn from that seed).
+        lrs: the learning rates (positive).
+        seeds: the seeds (None: :func:`bnlib.lab.seeds.default_seeds`).
+        split: training and test data; test accuracy and loss are recorded on its test set.
+        steps: parameter updates per run.
+        batch_size: examples per update.
+        record_every: steps between two records (the last step is always recorded).
+        optimizer: ``optimizer(model, lr)`` builds the optimizer (None: plain SGD).
+        recorders: extra recorders, run at the recorded steps.
+        record_at: further steps to record at.
+        device: where to train (None: where ``build`` puts the model).
+
+    Returns:
+        A :class:`Sweep` over the learning rates.
     """
     if any(lr <= 0 for lr in lrs):
         raise ValueError(f"learning rates must be positive, got {list(lrs)}")
@@ -207,7 +239,22 @@ def init_sweep(
 ) -> Sweep:
     """Train ``build(std, seed)`` (e.g. ``mlp(..., init_std=std)``) for every scale and seed at one ``lr``.
 
-    ``seeds`` None runs :func:`bnlib.lab.seeds.default_seeds`.
+    Args:
+        build: returns a fresh network for an initialization scale and a seed.
+        stds: the initialization scales (positive).
+        seeds: the seeds (None: :func:`bnlib.lab.seeds.default_seeds`).
+        split: training and test data; test accuracy and loss are recorded on its test set.
+        lr: the learning rate of every run.
+        steps: parameter updates per run.
+        batch_size: examples per update.
+        record_every: steps between two records (the last step is always recorded).
+        optimizer: ``optimizer(model, lr)`` builds the optimizer (None: plain SGD).
+        recorders: extra recorders, run at the recorded steps.
+        record_at: further steps to record at.
+        device: where to train (None: where ``build`` puts the model).
+
+    Returns:
+        A :class:`Sweep` over the initialization scales.
     """
     if any(s <= 0 for s in stds):
         raise ValueError(f"initialization scales must be positive, got {list(stds)}")

@@ -43,12 +43,13 @@ OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
 class TrainState:
     """What a recorder or callback sees.
 
-    Attributes:
+    Args:
         step: parameter updates done so far.
         model: the model (in training mode; a recorder that switches modes must switch back).
         optimizer: the optimizer.
-        x, y: at a record step, the mini-batch the model trains on next; in a per-step callback,
-            the mini-batch of the update just made.
+        x: the inputs of a mini-batch: at a record step, the one the model trains on next; in a
+            per-step callback, the one of the update just made.
+        y: the targets of that mini-batch.
         loss: training loss of the last update (None at step 0).
     """
 
@@ -60,6 +61,7 @@ class TrainState:
     loss: float | None
 
 
+#: the type of a recorder, called with the :class:`TrainState` at a record step; it returns ``{name: value}`` or None
 Recorder = Callable[[TrainState], "Mapping[str, Any] | None"]
 
 
@@ -73,9 +75,14 @@ def _to_numpy(value: Any) -> Any:
 class History:
     """Recorded values of one run.
 
-    ``steps`` lists the recorded steps; ``records[name]`` holds one entry per recorded step
-    (tensors are moved to the CPU as NumPy arrays); ``train_loss[s - 1]`` is the loss of update s.
-    ``history[name]`` stacks a record into an array whose first axis runs over ``steps``.
+    ``history[name]`` stacks a record into an array whose first axis runs over ``steps``;
+    ``name in history`` says whether anything was recorded under ``name``.
+
+    Args:
+        steps: the recorded steps, in order.
+        records: by name, one entry per recorded step at which the name was recorded (tensors are
+            moved to the CPU as NumPy arrays).
+        train_loss: the training loss of every update: ``train_loss[s - 1]`` is the loss of update s.
     """
 
     steps: list[int] = field(default_factory=list)
@@ -83,6 +90,12 @@ class History:
     train_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def add(self, step: int, values: Mapping[str, Any]) -> None:
+        """Record ``values`` at ``step`` (a new step is appended to :attr:`steps`).
+
+        Args:
+            step: the step the values belong to (the last recorded one, or a new one).
+            values: ``{name: value}``; tensors are stored as NumPy arrays.
+        """
         if not self.steps or self.steps[-1] != step:
             self.steps.append(step)
         for name, value in values.items():
@@ -97,7 +110,12 @@ class History:
         return name in self.records
 
     def at(self, name: str, step: int) -> Any:
-        """The value of ``name`` recorded at ``step``."""
+        """The value of ``name`` recorded at ``step``.
+
+        Args:
+            name: a recorded name.
+            step: a recorded step.
+        """
         if step not in self.steps:
             raise KeyError(f"step {step} was not recorded; recorded steps: {self.steps}")
         return self.records[name][self.steps.index(step)]
@@ -220,7 +238,13 @@ def train(
 
 
 def every(interval: int, steps: int, start: int = 0) -> list[int]:
-    """Record steps ``start, start + interval, ...`` up to and including ``steps``."""
+    """Record steps ``start, start + interval, ...`` up to and including ``steps``.
+
+    Args:
+        interval: steps between two records (positive).
+        steps: the last step, always included.
+        start: the first step.
+    """
     if interval < 1:
         raise ValueError(f"interval must be positive, got {interval}")
     out = list(range(start, steps + 1, interval))
@@ -230,7 +254,12 @@ def every(interval: int, steps: int, start: int = 0) -> list[int]:
 
 
 def log_steps(steps: int, count: int = 30) -> list[int]:
-    """About ``count`` record steps spaced evenly on a log scale from 0 to ``steps`` (0 included)."""
+    """About ``count`` record steps spaced evenly on a log scale from 0 to ``steps`` (0 included).
+
+    Args:
+        steps: the last step (at least 1).
+        count: the number of steps wanted (at least 2; rounding to whole steps can merge a few).
+    """
     if steps < 1 or count < 2:
         raise ValueError(f"need steps >= 1 and count >= 2, got steps={steps}, count={count}")
     grid = np.unique(np.round(np.geomspace(1, steps, count - 1)).astype(int))
@@ -238,7 +267,14 @@ def log_steps(steps: int, count: int = 30) -> list[int]:
 
 
 def test_metrics(x: Tensor, y: Tensor, loss_fn: LossFn = F.cross_entropy, prefix: str = "") -> Recorder:
-    """A recorder of ``{prefix}accuracy`` and ``{prefix}loss`` on ``(x, y)`` (eval mode, no gradients)."""
+    """A recorder of ``{prefix}accuracy`` and ``{prefix}loss`` on ``(x, y)`` (eval mode, no gradients).
+
+    Args:
+        x: held-out inputs.
+        y: their class indices.
+        loss_fn: the loss to report.
+        prefix: put before both names (e.g. ``"train_"``).
+    """
 
     def recorder(state: TrainState) -> dict[str, float]:
         loss, acc = evaluate(state.model, x, y, loss_fn)

@@ -32,6 +32,18 @@ def exactness_check(rank: int, world_size: int, per_process: int = 4, channels: 
     scaled per channel, and a random upstream gradient; it keeps its own slice and compares its
     outputs, input gradient, summed weight/bias gradients and running statistics with
     ``torch.nn.BatchNorm1d`` on the whole batch. Also returns how far plain per-process BN is off.
+
+    Args:
+        rank: this process (given by :func:`bnlib.lab.launch.launch`).
+        world_size: the number of processes.
+        per_process: examples per process.
+        channels: features C of the (N, C) input.
+        seed: seed of the global batch and upstream gradient (the same in every process).
+
+    Returns:
+        The largest absolute differences by name, ``"output"``, ``"input_grad"``,
+        ``"param_grad"`` and ``"running_stats"`` (synchronized BN against the reference) and
+        ``"local_bn_output"`` (per-process BN against it).
     """
     g = torch.Generator().manual_seed(seed)
     n = world_size * per_process
@@ -67,7 +79,12 @@ def exactness_check(rank: int, world_size: int, per_process: int = 4, channels: 
 
 def try_torch_sync_batchnorm(rank: int, world_size: int) -> str | None:
     """Run ``torch.nn.SyncBatchNorm`` in training mode on a CPU tensor inside the process group;
-    returns the error message it raises (None if it ran)."""
+    returns the error message it raises (None if it ran).
+
+    Args:
+        rank: this process (given by :func:`bnlib.lab.launch.launch`; not used otherwise).
+        world_size: the number of processes (likewise).
+    """
     layer = nn.SyncBatchNorm(3)
     try:
         layer(torch.randn(4, 3))
@@ -120,7 +137,7 @@ def train_data_parallel(
 
     Every process builds the same network (seeded), takes its slice of each global batch of
     world_size * per_process examples, and the parameter gradients are averaged with one
-    all-reduce per step. ``sync=True`` converts the BN layers to :class:`SyncBatchNorm`;
+    all-reduce per step. ``sync=True`` converts the BN layers to :class:`~bnlib.norm.sync.SyncBatchNorm`;
     otherwise each process normalizes with its own per_process examples.
 
     Running statistics differ between processes with per-process BN (DistributedDataParallel would
@@ -139,8 +156,9 @@ def train_data_parallel(
         dtype: the dtype to train in.
 
     Returns:
-        ``{"state": the final parameters and buffers by name (:func:`bnlib.lab.measure.snapshot`),
-        "losses": this process's training losses}``.
+        A dict with, under ``"state"``, the final parameters and buffers by name
+        (:func:`bnlib.lab.measure.snapshot`), under ``"losses"`` this process's training losses (a
+        1-D tensor, one per step).
     """
     net = mlp(list(sizes), "relu", BatchNorm1d, generator=torch.Generator().manual_seed(seed)).to(dtype)
     x = x.to(dtype)
@@ -176,7 +194,7 @@ def train_one_process(
         steps, lr, seed, dtype: as in :func:`train_data_parallel`.
 
     Returns:
-        ``{"state": ..., "losses": ...}`` as :func:`train_data_parallel`.
+        A dict with ``"state"`` and ``"losses"``, as :func:`train_data_parallel`.
     """
     net = mlp(list(sizes), "relu", norm, generator=torch.Generator().manual_seed(seed)).to(dtype)
     x = x.to(dtype)

@@ -53,7 +53,13 @@ def linear_regression_data(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs ``x ~ N(0, I)`` of shape (n, width), a target map ``A`` with N(0, 1/width) entries, ``y = x A^T``.
 
-    Returns ``(x, y, A)``.
+    Args:
+        n: number of examples (at least 2).
+        width: input and output size.
+        generator: random generator for ``x`` and ``A``.
+
+    Returns:
+        ``(x, y, A)``.
     """
     if n < 2 or width < 1:
         raise ValueError(f"need n >= 2 examples and width >= 1, got n={n}, width={width}")

@@ -44,6 +44,9 @@ class NoisyBN(nn.Module):
         scale: ``(low, high)`` of the uniform distribution of the per-step scale (positive).
         jitter: standard deviation of the per-example noise around the step's shift and scale.
         seed: seed of the wrapper's generator.
+
+    Shape:
+        Input: what ``bn`` takes. Output: the shape of ``bn``'s output, (N, C) or (N, C, ...).
     """
 
     def __init__(
@@ -94,9 +97,16 @@ def add_noise(
 ) -> nn.Module:
     """Wrap every BN layer of ``model`` (in place) in a :class:`NoisyBN`; returns the model.
 
-    ``types`` are the classes treated as BN (default: every batch-norm layer, bnlib's or torch.nn's,
-    :func:`bnlib.norm.modules.is_batch_norm`). Each
-    wrapper gets its own seed (``seed``, ``seed + 1``, ... in module order).
+    Each wrapper gets its own seed (``seed``, ``seed + 1``, ... in module order).
+
+    Args:
+        model: the network; a layer already wrapped is left alone.
+        shift: as in :class:`NoisyBN`.
+        scale: as in :class:`NoisyBN`.
+        jitter: as in :class:`NoisyBN`.
+        seed: the seed of the first wrapper.
+        types: the classes treated as BN (default: every batch-norm layer, bnlib's or torch.nn's,
+            :func:`bnlib.norm.modules.is_batch_norm`).
     """
     count = 0
 
@@ -134,6 +144,9 @@ class LpBatchNorm(nn.Module):
         p: 1, 2 or ``math.inf``.
         eps: added to ``s_p``.
         momentum: weight of the new batch in the running averages.
+
+    Shape:
+        Input: (N, C) or (N, C, ...). Output: same shape as the input.
     """
 
     def __init__(self, num_features: int, p: float = 2.0, eps: float = 1e-5, momentum: float = 0.1) -> None:

@@ -30,11 +30,17 @@ from bnlib.norm.modules import BatchNorm1d
 
 __all__ = ["NORMS", "rows_as_sequences", "prepend_blank", "NormRNN", "train_rnn", "error_rate", "real_per_step"]
 
+#: the values of :class:`NormRNN`'s ``norm`` argument
 NORMS = ("none", "batch", "batch_per_step", "layer")
 
 
 def rows_as_sequences(images: Tensor, pool: int = 1) -> Tensor:
-    """(N, 1, H, W) images -> (N, T, W') sequences of rows, after ``pool`` x ``pool`` average pooling."""
+    """(N, 1, H, W) images -> (N, T, W') sequences of rows, after ``pool`` x ``pool`` average pooling.
+
+    Args:
+        images: (N, 1, H, W) images.
+        pool: the side of the average-pooling window (1: no pooling).
+    """
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"expected (N, 1, H, W) images, got shape {tuple(images.shape)}")
     if pool > 1:
@@ -43,7 +49,13 @@ def rows_as_sequences(images: Tensor, pool: int = 1) -> Tensor:
 
 
 def prepend_blank(x: Tensor, steps: int, value: float = 0.0) -> Tensor:
-    """Sequences (N, T, D) with ``steps`` constant rows (blank image rows) put in front: length T + steps."""
+    """Sequences (N, T, D) with ``steps`` constant rows (blank image rows) put in front: length T + steps.
+
+    Args:
+        x: sequences (N, T, D).
+        steps: how many rows to put in front.
+        value: the value of every entry of those rows.
+    """
     if steps < 0:
         raise ValueError(f"steps must be non-negative, got {steps}")
     return torch.cat([x.new_full((x.shape[0], steps, x.shape[2]), value), x], dim=1)
@@ -64,6 +76,9 @@ class NormRNN(nn.Module):
             computes the same to float rounding and costs less per call at small sizes).
         layer_norm: the layer-normalization layer for ``"layer"``, likewise (default
             ``bnlib.norm.LayerNorm``; or ``torch.nn.LayerNorm``).
+
+    Shape:
+        Input: (N, T, D) sequences of T steps of D features. Output: (N, num_classes) logits.
     """
 
     def __init__(
@@ -163,5 +178,10 @@ def error_rate(model: nn.Module, x: Tensor, y: Tensor, batch_statistics: bool = 
 
 def real_per_step(lengths: Tensor, steps: int) -> Tensor:
     """How many sequences of a batch with these ``lengths`` are still running at each step 0..steps-1:
-    the number of real (unpadded) values a per-step batch statistic at that step could use."""
+    the number of real (unpadded) values a per-step batch statistic at that step could use.
+
+    Args:
+        lengths: the length of each sequence of the batch, (N,).
+        steps: the number of steps to count.
+    """
     return (lengths.view(-1, 1) > torch.arange(steps).view(1, -1)).sum(0)

@@ -105,10 +105,14 @@ def run(
 
 
 def as_batch_norm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in which every :class:`bnlib.norm.BatchRenorm` (and so every
-    :class:`~bnlib.norm.GhostBatchNorm`) is replaced by a bnlib batch-norm layer with the same
+    """A copy of ``model`` in which every :class:`bnlib.norm.renorm.BatchRenorm` (and so every
+    :class:`~bnlib.norm.renorm.GhostBatchNorm`) is replaced by a bnlib batch-norm layer with the same
     parameters and running statistics: evaluation is unchanged, and
-    :func:`bnlib.norm.population.recompute_statistics` recognizes the new layers."""
+    :func:`bnlib.norm.population.recompute_statistics` recognizes the new layers.
+
+    Args:
+        model: the network; it is not changed.
+    """
     model = copy.deepcopy(model)
 
     def convert(module: nn.Module) -> nn.Module:
