@@ -14,8 +14,9 @@ counterpart, under:
 - double backward (supported, or a clear error);
 - property tests (hypothesis) against float64 over random shapes, scales and offsets.
 
-Where bnlib differs from torch on purpose, the test says so in its name and docstring
-(``test_differs_...``); the list is in :data:`DIFFERENCES_FROM_TORCH`.
+Where bnlib differs from torch on purpose, the test says so in its name or docstring
+(``test_differs_...`` here); the list, with those shown in tests/test_dropin.py, is :data:`DIFFERENCES_FROM_TORCH`.
+The layers' parity with torch.nn (training, eval, state_dicts, flags) is tests/test_dropin.py's table.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bnlib import norm
 from bnlib.norm import compiled
 from bnlib.norm import functional as F
 from bnlib.norm import reference as ref
+from tests.test_dropin import BY_NAME as PARITY_ROWS
 
 torch.set_num_threads(1)
 
@@ -42,7 +44,12 @@ DIFFERENCES_FROM_TORCH = {
     "channel mismatch": "bnlib raises ValueError naming the expected channels; torch raises RuntimeError",
     "fewer than 2 dimensions": "bnlib.norm.functional raises ValueError; torch raises IndexError or RuntimeError",
     "non-float input": "bnlib raises ValueError; torch raises NotImplementedError",
-    "eps = 0 in training": "bnlib accepts it (the book uses it for exact identities); torch raises ValueError",
+    "eps = 0 in training": "bnlib.norm.functional accepts it (the book uses it for exact identities); torch raises "
+    "ValueError (the layers refuse eps <= 0 as torch's do: tests/test_dropin.py)",
+    "eps <= 0 in instance norm": "bnlib refuses it at construction, as for batch norm; torch's instance norm accepts "
+    "it (tests/test_dropin.py)",
+    "num_features < 1, momentum outside [0, 1]": "bnlib's layers raise ValueError at construction; torch accepts "
+    "num_features = 0 and any momentum (tests/test_dropin.py)",
     "mixed dtypes": "bnlib casts weight/bias/buffers to the compute dtype; torch's CPU kernel raises RuntimeError",
     "double backward in training": "bnlib raises RuntimeError (the compact backward is once-differentiable); "
     "torch differentiates twice",
@@ -692,36 +699,27 @@ def test_property_reference_float32_matches_float64(n, d, log_scale, rel_offset,
 
 # -- 10. the alternative norms (bnlib.norm) against torch.nn ------------------------------------
 
-NORMS = {
-    # name: (bnlib layer, torch layer, input shape)
-    "LayerNorm": (lambda: norm.LayerNorm([4, 5]), lambda: nn.LayerNorm([4, 5]), (6, 3, 4, 5)),
-    "GroupNorm": (lambda: norm.GroupNorm(2, 4), lambda: nn.GroupNorm(2, 4), (6, 4, 3, 3)),
-    "InstanceNorm1d": (lambda: norm.InstanceNorm1d(4), lambda: nn.InstanceNorm1d(4), (6, 4, 5)),
-    "InstanceNorm2d": (
-        lambda: norm.InstanceNorm2d(4, affine=True, track_running_stats=True),
-        lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
-        (6, 4, 3, 3),
-    ),
-    "RMSNorm": (lambda: norm.RMSNorm(5, eps=1e-6), lambda: nn.RMSNorm(5, eps=1e-6), (6, 3, 5)),
-    "GhostBatchNorm": (lambda: norm.GhostBatchNorm(4), lambda: nn.BatchNorm2d(4), (6, 4, 3, 3)),
-    "BatchRenorm (r=1, d=0)": (
-        lambda: norm.BatchRenorm(4, momentum=0.1, rmax=1.0, dmax=0.0),
-        lambda: nn.BatchNorm2d(4),
-        (6, 4, 3, 3),
-    ),
-}
-NORM_NAMES = list(NORMS)
+#: the alternative norms with a torch.nn counterpart: rows of the parity table in tests/test_dropin.py
+NORM_NAMES = [
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "RMSNorm",
+    "GhostBatchNorm",
+    "BatchRenorm (r=1, d=0)",
+]
 
 
 def _norm_pair(name, dtype=torch.float32, seed=0):
-    make_ours, make_theirs, shape = NORMS[name]
-    ours, theirs = make_ours().to(dtype), make_theirs().to(dtype)
+    row = PARITY_ROWS[name]
+    ours, theirs = (m.to(dtype) for m in row.make())
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ours.parameters():
             p.copy_(torch.rand(p.shape, generator=g) + 0.5)
     theirs.load_state_dict(ours.state_dict())
-    return ours, theirs, shape
+    return ours, theirs, row.shape
 
 
 @pytest.mark.parametrize("name", NORM_NAMES)
@@ -904,8 +902,3 @@ def test_norms_instance_norm_over_one_position_is_an_error_as_in_torch(cls, shap
         assert ours(x).shape == x.shape
     else:
         _close(ours(x), theirs(x))
-
-
-def test_differences_are_listed():
-    """The deliberate differences above, each with a sentence: the closing note quotes this list."""
-    assert all(len(v) > 20 for v in DIFFERENCES_FROM_TORCH.values())
