@@ -13,8 +13,8 @@ import argparse
 import sys
 
 import torch
-from bnlib.bench import timing
 
+from bnlib.bench import timing
 from bnlib.norm import compiled
 from bnlib.present.report import Table
 

@@ -1,7 +1,13 @@
 """bnlib.bench.timing: the benchmark's pieces on tiny shapes (what is timed, what is counted), not its timings."""
 
+import itertools
+import time
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch.utils import benchmark
+
 from bnlib.bench import timing
 
 torch.set_num_threads(1)
@@ -16,17 +22,19 @@ def test_train_steps_give_the_same_gradients(impl, shape):
         torch.testing.assert_close(torch.as_tensor(got).float(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_batch_norm_from_ops_matches_torch():
-    x = torch.randn(6, 3, 2, 2)
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5), (6, 3, 2, 2), (2, 3, 2, 2, 2)])
+def test_batch_norm_from_ops_matches_torch(shape):
+    x = torch.randn(shape)
     w, b = torch.rand(3), torch.randn(3)
     torch.testing.assert_close(
         timing.batch_norm_from_ops(x, w, b), torch.nn.functional.batch_norm(x, None, None, w, b, True)
     )
 
 
-def test_eval_steps_give_the_same_output():
-    impls = ["native", "bnlib", "from ops", "numpy"]
-    outs = [torch.as_tensor(timing.make_step(i, "eval", (8, 3))()).float() for i in impls]
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 2, 2)])
+def test_eval_steps_give_the_same_output(shape):
+    impls = ["native", "bnlib", "from ops"] + (["numpy"] if len(shape) == 2 else [])
+    outs = [torch.as_tensor(timing.make_step(i, "eval", shape)()).float() for i in impls]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-5)
 
@@ -46,14 +54,51 @@ def test_saved_for_backward_in_input_sizes(impl, shape, expected):
     assert total == pytest.approx(expected[0], abs=0.1) and new == pytest.approx(expected[1], abs=0.1)
 
 
-def test_interleaved_timing_returns_one_sample_per_round():
-    samples = timing.time_interleaved({"a": lambda: None, "b": lambda: sum(range(10))}, rounds=3, min_block_s=1e-4)
-    assert set(samples) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in samples.values())
+def _busy(seconds: float, calls: list, name: str):
+    """A step that takes at least ``seconds`` of wall time and records that it ran."""
+
+    def step():
+        calls.append(name)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    return step
 
 
-def test_bandwidth_bound_counts_passes():
-    assert timing.bandwidth_bound((10, 10), "train", bandwidth=400.0) == pytest.approx(timing.TRAIN_PASSES)
-    assert timing.bandwidth_bound((10, 10), "eval", bandwidth=400.0) == pytest.approx(timing.EVAL_PASSES)
+class _Probe:
+    """Stands in for a Timer whose ``blocked_autorange`` picks ``number_per_run`` and measures ``median`` per call."""
+
+    def __init__(self, number_per_run: int, median: float):
+        self.measured = SimpleNamespace(number_per_run=number_per_run, median=median)
+
+    def blocked_autorange(self, min_run_time: float):
+        return self.measured
+
+
+def test_block_size_fills_min_block_s_or_takes_the_timers_block_when_larger():
+    assert timing.block_size(_Probe(1, 1e-3), min_block_s=0.0105) == 11
+    assert timing.block_size(_Probe(1000, 1e-3), min_block_s=0.01) == 1000
+    calls = []
+    busy = benchmark.Timer("step()", globals={"step": _busy(1e-3, calls, "a")})
+    assert 5 <= timing.block_size(busy, 0.01) <= 10 and len(calls) >= 5  # measured, and warmed up on the way
+
+
+def test_interleaved_timing_takes_one_block_of_each_step_per_round():
+    calls, durations, min_block_s = [], {"a": 1e-3, "b": 2e-3}, 0.01
+    steps = {name: _busy(seconds, calls, name) for name, seconds in durations.items()}
+    samples = timing.time_interleaved(steps, rounds=3, min_block_s=min_block_s)
+    # the timed blocks are the last 2 x 3 runs of calls: a, b, a, b, a, b (warm-up and sizing come before)
+    timed = [(name, len(list(run))) for name, run in itertools.groupby(calls)][-6:]
+    assert [name for name, _ in timed] == ["a", "b"] * 3
+    for name, seconds in durations.items():
+        sizes = {size for n, size in timed if n == name}
+        assert len(sizes) == 1, f"{name}: one block size, set before the rounds, got {sizes}"
+        block = sizes.pop()
+        assert block * seconds >= min_block_s / 2, f"{name}: a block of {block} calls does not fill min_block_s"
+        assert len(samples[name]) == 3
+        # a sample is the time per call: at least the step's duration, far below a whole block's
+        assert all(seconds <= s < block * seconds for s in samples[name]), (name, block, samples[name])
 
 
 def test_run_reports_ratios_against_native():

@@ -22,13 +22,15 @@ transfers. Evaluation reads the input once and writes the output once (:data:`EV
 Divided by the measured copy bandwidth, that gives a lower bound on the time
 (:func:`bandwidth_bound`).
 
-Timings use ``torch.utils.benchmark`` and are interleaved: every round times each implementation
-once, and the median over rounds is reported, so a machine whose load changes during the run slows
+Timings use ``torch.utils.benchmark.Timer`` and are interleaved: ``Timer.blocked_autorange`` sizes
+each implementation's timed block once, then every round times one block of each implementation in
+turn, and the median over rounds is reported, so a machine whose load changes during the run slows
 all implementations alike and the ratios stay meaningful.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +43,7 @@ from torch.utils import benchmark
 
 from bnlib.norm import compiled, reference
 from bnlib.norm import functional as F
+from bnlib.norm.channels import channel_shape, reduce_dims
 
 __all__ = [
     "CONV_SHAPES",
@@ -51,6 +54,7 @@ __all__ = [
     "Result",
     "bandwidth_bound",
     "batch_norm_from_ops",
+    "block_size",
     "compile_cost",
     "copy_bandwidth",
     "fold_speedup",
@@ -75,8 +79,7 @@ def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e
     x_hat = (x - mean) / sqrt(var + eps), y = weight * x_hat + bias, as in d2l's from-scratch
     chapter: every intermediate the graph needs is kept for backward.
     """
-    dims = [0] + list(range(2, x.dim()))
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    dims, shape = reduce_dims(x), channel_shape(x)
     mean = x.mean(dim=dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     x_hat = (x - mean) / torch.sqrt(var + eps)
@@ -84,7 +87,7 @@ def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e
 
 
 def _eval_from_ops(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    shape = channel_shape(x)
     return weight.view(shape) * (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps) + bias.view(shape)
 
 
@@ -161,26 +164,37 @@ def _numpy_step(mode, x, dy, gamma, beta, mean, var):
     return step
 
 
+def block_size(timer: benchmark.Timer, min_block_s: float) -> int:
+    """Calls per timed block of ``timer``'s statement: as many as fill ``min_block_s``, and at least the block
+    ``Timer.blocked_autorange`` picks (one whose timer overhead is negligible).
+
+    The time per call is the median of ``blocked_autorange`` over about ``min_block_s``, which also warms the
+    statement up.
+    """
+    probe = timer.blocked_autorange(min_run_time=min_block_s)
+    return max(probe.number_per_run, math.ceil(min_block_s / max(probe.median, 1e-9)))
+
+
 def time_interleaved(
     steps: dict[str, Callable[[], object]], rounds: int = 10, min_block_s: float = 0.02, threads: int = 1
 ) -> dict[str, list[float]]:
     """Seconds per call of each step, one sample per round, the steps interleaved within a round.
 
-    Each sample is a ``torch.utils.benchmark.Timer`` block of as many calls as fill ``min_block_s``
-    (CUDA is synchronized by the timer). Every step runs twice first (warm-up; a compile happens there).
+    Every step runs twice first (warm-up; a compile happens there), then gets its block size
+    (:func:`block_size`, once, before the rounds). Each round then times one block of each step in
+    turn (``Timer.timeit``; the timer synchronizes CUDA): a sample is the block's time per call.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    timers, numbers = {}, {}
+    timers, blocks = {}, {}
     for name, step in steps.items():
         step(), step()
         timers[name] = benchmark.Timer("step()", globals={"step": step}, num_threads=threads, label=name)
-        once = timers[name].timeit(1).median
-        numbers[name] = max(1, int(min_block_s / max(once, 1e-9)))
+        blocks[name] = block_size(timers[name], min_block_s)
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name in steps:
-            samples[name].append(timers[name].timeit(numbers[name]).median)
+            samples[name].append(timers[name].timeit(blocks[name]).median)
     return samples
 
 
