@@ -5,12 +5,19 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
-.PHONY: book test lint unit notebooks site-test screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
+.PHONY: book test unit notebooks screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
 
 # Notebook tests: nbval re-executes every chapter and compares its outputs (tests/portable_outputs.py:
 # exact for mathematics, within declared tolerances for results of training), one notebook per worker.
 NBVAL := $(PY) -m pytest -p no:cacheprovider --nbval --nbval-current-env \
 	--nbval-sanitize-with tests/nbval_sanitize.cfg -n 2 --dist loadfile -q
+
+# Lint: ruff and the import contracts of the layers (pyproject.toml, [tool.importlinter]).
+LINT := $(PY) -m ruff check bnlib tests scripts benchmarks conftest.py && $(VENV)/bin/lint-imports
+
+# The fast unit tests: everything under tests/ except what builds, installs or executes the book.
+UNIT_SLOW := test_browser test_fresh_install test_colab_setup test_site test_determinism test_distributed
+UNIT := $(PY) -m pytest -p no:cacheprovider -n 2 -q -m "not slow" $(UNIT_SLOW:%=--ignore=tests/%.py) tests
 
 # Two other CPUs, simulated: torch's AVX2 and baseline kernels, other OpenBLAS cores, NumPy without
 # AVX-512 (and without AVX2). The same stored outputs must pass on each.
@@ -33,10 +40,14 @@ book: $(STAMP)
 ## Lint, unit tests, notebooks (nbval, portable comparison), the built site, a fresh install, then the
 ## notebooks again on two simulated other CPUs and the planted-bug check.
 test: book
-	$(PY) -m ruff check bnlib tests scripts benchmarks conftest.py
-	$(VENV)/bin/lint-imports
+	$(LINT)
 	BNBOOK_FRESH_INSTALL=1 $(NBVAL) --durations=10
 	$(MAKE) --no-print-directory notebooks-other-cpus planted-bugs
+
+## Lint and the fast unit tests (no notebooks, site, browser, installs, nor tests marked slow), two workers.
+unit: $(STAMP)
+	$(LINT)
+	$(UNIT)
 
 ## Only the notebook tests, on this CPU (NB=book/chapter.ipynb for one).
 notebooks: $(STAMP)
