@@ -14,10 +14,22 @@ No private name (leading underscore) crosses a module boundary. The book's appen
 API" (``book/api.md``) documents every public name, generated from the docstrings.
 """
 
+import importlib
+from typing import Any
+
 from bnlib.norm import functional, reference
 from bnlib.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlib.norm.sync import SyncBatchNorm
-from bnlib.present.setup import full_scale, pick_device, setup
+
+_CHAPTER_SETUP = ("full_scale", "pick_device", "setup")  # from bnlib.present.setup, loaded on first use
+
+
+def __getattr__(name: str) -> Any:
+    # A chapter's set-up belongs to the presentation layer: importing the library (bnlib.norm) must
+    # not load it, so these names are looked up only when used.
+    if name in _CHAPTER_SETUP:
+        return getattr(importlib.import_module("bnlib.present.setup"), name)
+    raise AttributeError(f"module 'bnlib' has no attribute {name!r}")
 
 __all__ = [
     "BatchNorm1d",

@@ -236,10 +236,6 @@ def test_legacy_state_dict_without_num_batches_tracked_loads(row):
             m.load_state_dict(current)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnlib.norm.modules.NormBase._load_from_state_dict sets the counter to 0; torch keeps the module's own",
-)
 @pytest.mark.parametrize("row", rows(RUNNING))
 def test_legacy_state_dict_keeps_the_modules_own_counter(row):
     legacy = _legacy(row.make()[1].state_dict())
@@ -331,6 +327,8 @@ def test_convert_sync_batchnorm_keeps_what_an_optimizer_holds(row, source):
         _close(ours.state_dict()[key].double(), value.double())
     x = batches[0]
     _close(ours.eval()(x), reference.eval()(x))
+    # a model converted in eval mode stays in eval mode, as torch's conversion keeps it
+    assert not bnlib.SyncBatchNorm.convert_sync_batchnorm(model().eval())[0].training
 
 
 # -- constructor arguments ---------------------------------------------------------------------------------

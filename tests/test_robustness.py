@@ -45,7 +45,15 @@ DIFFERENCES_FROM_TORCH = {
     "fewer than 2 dimensions": "bnlib.norm.functional raises ValueError; torch raises IndexError or RuntimeError",
     "non-float input": "bnlib raises ValueError; torch raises NotImplementedError",
     "eps = 0 in training": "bnlib.norm.functional accepts it (the book uses it for exact identities); torch raises "
-    "ValueError (the layers refuse eps <= 0 as torch's do: tests/test_dropin.py)",
+    "ValueError",
+    "eps <= 0 at construction": "bnlib's layers raise ValueError at once; torch accepts it and raises at the first "
+    "training forward, so a torch model with eps = 0 can be evaluated but not converted to bnlib "
+    "(tests/test_dropin.py)",
+    "instance norm, wrong channel count without affine": "bnlib raises ValueError; torch warns and normalizes",
+    "torch.func and TorchScript": "bnlib's layers run a custom autograd Function: torch.func.grad/vmap/jvp and "
+    "torch.jit.script fail on them; torch's layers support them",
+    "isinstance checks": "bnlib.BatchNorm1d/2d/3d are not subclasses of torch's: code that tests "
+    "isinstance(m, nn.BatchNorm2d) skips them (bnlib.norm.modules.is_batch_norm recognizes both)",
     "eps <= 0 in instance norm": "bnlib refuses it at construction, as for batch norm; torch's instance norm accepts "
     "it (tests/test_dropin.py)",
     "num_features < 1, momentum outside [0, 1]": "bnlib's layers raise ValueError at construction; torch accepts "

@@ -64,20 +64,29 @@ __all__ = [
     "time_interleaved",
 ]
 
+#: the five implementations compared, by the name :func:`make_step` and :func:`run` take
 IMPLEMENTATIONS = ("native", "bnlib", "compiled", "from ops", "numpy")
+#: the (N, C) shapes :func:`run` times by default (a fully connected layer's input)
 MLP_SHAPES: tuple[tuple[int, ...], ...] = ((256, 1024),)
+#: the (N, C, H, W) shapes :func:`run` times by default (convolutional feature maps)
 CONV_SHAPES: tuple[tuple[int, ...], ...] = ((64, 64, 32, 32), (32, 256, 14, 14), (8, 64, 112, 112))
-#: input-sized transfers of a training step: forward 1 + 2 (statistics; normalize), backward 2 + 3 (sums; dx)
+#: the input-sized transfers of a training step, forward 1 + 2 (statistics; normalize) and backward 2 + 3 (sums; dx)
 TRAIN_PASSES = 8
-#: input-sized transfers in evaluation: read x, write y
+#: the input-sized transfers in evaluation, a read of x and a write of y
 EVAL_PASSES = 2
 
 
 def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     """Training-mode batch norm from plain tensor operations; autograd builds the backward.
 
-    x_hat = (x - mean) / sqrt(var + eps), y = weight * x_hat + bias, as in d2l's from-scratch
+    ``x_hat = (x - mean) / sqrt(var + eps)``, ``y = weight * x_hat + bias``, as in d2l's from-scratch
     chapter: every intermediate the graph needs is kept for backward.
+
+    Args:
+        x: input (N, C, ...), normalized per channel over every other dimension.
+        weight: per-channel scale gamma, (C,).
+        bias: per-channel shift beta, (C,).
+        eps: added to the variance.
     """
     dims, shape = reduce_dims(x), channel_shape(x)
     mean = x.mean(dim=dims, keepdim=True)
@@ -104,7 +113,14 @@ def _inputs(shape: Sequence[int], device: torch.device, seed: int = 0):
 
 def make_step(impl: str, mode: str, shape: Sequence[int], device: torch.device | str = "cpu") -> Callable[[], object]:
     """A no-argument function running one step of ``impl``: forward and backward (``mode="train"``)
-    or the forward in evaluation mode (``mode="eval"``), on fixed inputs of ``shape``."""
+    or the forward in evaluation mode (``mode="eval"``), on fixed inputs of ``shape``.
+
+    Args:
+        impl: one of :data:`IMPLEMENTATIONS` (``"compiled"`` and ``"numpy"`` are not in every mode).
+        mode: ``"train"`` or ``"eval"``.
+        shape: the input shape (N, C, ...).
+        device: where the inputs are (``"numpy"``: the CPU only).
+    """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     if mode not in ("train", "eval"):
@@ -170,6 +186,10 @@ def block_size(timer: benchmark.Timer, min_block_s: float) -> int:
 
     The time per call is the median of ``blocked_autorange`` over about ``min_block_s``, which also warms the
     statement up.
+
+    Args:
+        timer: the timer of one statement.
+        min_block_s: the shortest block, in seconds.
     """
     probe = timer.blocked_autorange(min_run_time=min_block_s)
     return max(probe.number_per_run, math.ceil(min_block_s / max(probe.median, 1e-9)))
@@ -183,6 +203,15 @@ def time_interleaved(
     Every step runs twice first (warm-up; a compile happens there), then gets its block size
     (:func:`block_size`, once, before the rounds). Each round then times one block of each step in
     turn (``Timer.timeit``; the timer synchronizes CUDA): a sample is the block's time per call.
+
+    Args:
+        steps: the no-argument functions to time, by name.
+        rounds: samples per step (at least 1).
+        min_block_s: the shortest timed block, in seconds (:func:`block_size`).
+        threads: torch threads while timing.
+
+    Returns:
+        The samples (seconds per call) of each step, by name, one per round.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
@@ -203,6 +232,11 @@ def saved_for_backward(impl: str, shape: Sequence[int], device: torch.device | s
 
     ``total`` counts every distinct storage the autograd graph saves (for NumPy: the arrays in the
     cache); ``new`` leaves out the input itself, which the caller holds anyway.
+
+    Args:
+        impl: one of :data:`IMPLEMENTATIONS`.
+        shape: the input shape (N, C, ...).
+        device: where the inputs are.
     """
     x, _, weight, bias, _, _ = _inputs(shape, torch.device(device))
     if impl == "numpy":
@@ -230,7 +264,13 @@ def saved_for_backward(impl: str, shape: Sequence[int], device: torch.device | s
 
 
 def copy_bandwidth(shape: Sequence[int], device: torch.device | str = "cpu", rounds: int = 10) -> float:
-    """Bytes per second of a tensor copy of ``shape`` (read plus write), median over rounds."""
+    """Bytes per second of a tensor copy of ``shape`` (read plus write), median over rounds.
+
+    Args:
+        shape: the shape of the float32 tensor copied.
+        device: where it is.
+        rounds: timed rounds.
+    """
     src = torch.randn(*shape, device=device)
     dst = torch.empty_like(src)
     seconds = statistics.median(time_interleaved({"copy": lambda: dst.copy_(src)}, rounds=rounds)["copy"])
@@ -239,14 +279,29 @@ def copy_bandwidth(shape: Sequence[int], device: torch.device | str = "cpu", rou
 
 def bandwidth_bound(shape: Sequence[int], mode: str, bandwidth: float, element_size: int = 4) -> float:
     """Lower bound in seconds: the bytes a step must move (:data:`TRAIN_PASSES` or :data:`EVAL_PASSES`
-    input-sized transfers) divided by ``bandwidth``."""
+    input-sized transfers) divided by ``bandwidth``.
+
+    Args:
+        shape: the input shape.
+        mode: ``"train"`` or ``"eval"``.
+        bandwidth: bytes per second, e.g. from :func:`copy_bandwidth`.
+        element_size: bytes per element of the input.
+    """
     passes = {"train": TRAIN_PASSES, "eval": EVAL_PASSES}[mode]
     return passes * int(np.prod(shape)) * element_size / bandwidth
 
 
 def compile_cost(shape: Sequence[int], device: torch.device | str = "cpu") -> tuple[float, bool]:
     """Seconds of the first compiled training step (forward and backward) of a new ``shape``, minus a
-    warm one: the one-time compile. Also whether the compiled path is in use (not the eager fallback)."""
+    warm one: the one-time compile. Also whether the compiled path is in use (not the eager fallback).
+
+    Args:
+        shape: the input shape (N, C, ...).
+        device: where the inputs are.
+
+    Returns:
+        ``(seconds, compiled)``.
+    """
     step = make_step("compiled", "train", shape, device)
     start = time.perf_counter()
     step()
@@ -259,7 +314,17 @@ def compile_cost(shape: Sequence[int], device: torch.device | str = "cpu") -> tu
 
 @dataclass
 class Result:
-    """One row of the benchmark: an implementation on a shape in a mode."""
+    """One row of the benchmark: an implementation on a shape in a mode.
+
+    Args:
+        mode: ``"train"`` or ``"eval"``.
+        shape: the input shape.
+        impl: the implementation, one of :data:`IMPLEMENTATIONS`.
+        median_s: median seconds per step.
+        ratio: ``median_s`` over native's, same run.
+        saved: ``(total, new)`` of :func:`saved_for_backward`, in input sizes; None in evaluation.
+        copy_s: median seconds of a plain copy of the input, timed in the same rounds.
+    """
 
     mode: str
     shape: tuple[int, ...]
@@ -271,8 +336,8 @@ class Result:
 
     @property
     def bound_s(self) -> float:
-        """The bandwidth bound: the step's input-sized transfers at the speed of the same-run copy
-        (a copy is two transfers, a read and a write)."""
+        """The bandwidth bound in seconds, the step's input-sized transfers at the speed of the
+        same-run copy (a copy is two transfers, a read and a write)."""
         return {"train": TRAIN_PASSES, "eval": EVAL_PASSES}[self.mode] / 2 * self.copy_s
 
     @property
@@ -292,6 +357,17 @@ def run(
     """Time every implementation on every shape and mode (interleaved); ratios against native.
 
     A plain copy of the input is timed in the same rounds, for the bandwidth bound of each row.
+
+    Args:
+        shapes: the input shapes.
+        modes: ``"train"`` and/or ``"eval"``.
+        impls: the implementations, ``"native"`` among them; each runs where it applies.
+        device: where to run.
+        rounds: timed rounds.
+        threads: torch threads while timing.
+
+    Returns:
+        One :class:`Result` per implementation, shape and mode.
     """
     if "native" not in impls:
         raise ValueError("ratios are taken against 'native': include it in impls")
@@ -332,9 +408,21 @@ def fold_speedup(
 ) -> dict[str, float]:
     """Evaluation-mode conv followed by BN against the conv with BN folded into it (bnlib.norm.fusion).
 
-    Returns median seconds of ``conv+bn`` and ``folded``, their ratio ``speedup``, and ``max_diff``,
-    the largest difference of the two outputs. ``groups=channels`` gives a depthwise convolution,
-    whose cost is of the same order as BN's pass over memory.
+    ``groups=channels`` gives a depthwise convolution, whose cost is of the same order as BN's pass
+    over memory.
+
+    Args:
+        channels: input and output channels of the 3x3 convolution.
+        batch: examples per input.
+        size: height and width of the input.
+        groups: convolution groups.
+        device: where to run.
+        rounds: timed rounds.
+        threads: torch threads while timing.
+
+    Returns:
+        Median seconds of ``"conv+bn"`` and ``"folded"``, their ratio ``"speedup"``, and
+        ``"max_diff"``, the largest difference of the two outputs.
     """
     from bnlib.norm.fusion import fuse_conv_bn
 

@@ -18,12 +18,18 @@ each is documented in the module that defines it.
 """
 
 from bnlib.norm.factory import factory
+from bnlib.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from bnlib.norm.per_sample import GroupNorm, InstanceNorm1d, InstanceNorm2d, LayerNorm, RMSNorm
 from bnlib.norm.renorm import BatchRenorm, GhostBatchNorm
+from bnlib.norm.sync import SyncBatchNorm
 from bnlib.norm.taxonomy import AXES, GROUPED_DIMS, METHODS, normalize, plan, shares_statistics
 
 __all__ = [
     "AXES",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
     "GROUPED_DIMS",
     "METHODS",
     "BatchRenorm",

@@ -138,10 +138,13 @@ class NormBase(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # A state_dict saved before version 2 has no num_batches_tracked: count from zero, as torch does.
+        # A state_dict saved before version 2 has no num_batches_tracked: keep this layer's own count
+        # (0 for a layer that has none), as torch does.
         key = prefix + "num_batches_tracked"
         if local_metadata.get("version", 1) < 2 and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            own = self.num_batches_tracked
+            keep = own is not None and own.device.type != "meta"
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -196,7 +199,7 @@ class BatchNormBase(NormBase):
         if self.training and not (self.eps > 0 or (self.eps == 0 and self.allows_zero_eps)):
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)

@@ -71,6 +71,13 @@ class LayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(self.normalized_shape, **kw)) if elementwise_affine and bias else None
 
+    def reset_parameters(self) -> None:
+        """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
+
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
         if tuple(input.shape[-k:]) != self.normalized_shape:
@@ -128,6 +135,13 @@ class GroupNorm(nn.Module):
         kw = _factory(device, dtype)
         self.weight = nn.Parameter(torch.ones(num_channels, **kw)) if affine else None
         self.bias = nn.Parameter(torch.zeros(num_channels, **kw)) if affine and bias else None
+
+    def reset_parameters(self) -> None:
+        """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -306,6 +320,13 @@ class RMSNorm(nn.Module):
         self.elementwise_affine = elementwise_affine
         kw = _factory(device, dtype)
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, **kw)) if elementwise_affine else None
+
+    def reset_parameters(self) -> None:
+        """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)

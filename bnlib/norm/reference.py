@@ -12,8 +12,9 @@ NumPy so that every line can be checked against Ioffe & Szegedy (2015), Algorith
 The forward computes the first two lines with :func:`batch_mean_var_shifted`, the same formula
 with one correction that keeps float32 digits when the mean is large against the spread.
 
-Floating inputs keep their dtype (so float32 behaviour can be studied); anything else is
-converted to float64, the precision the book's gradient checks use.
+float32 and float64 inputs keep their dtype (so float32 behaviour can be studied); float16 is
+computed in float32 (its range cannot hold a batch's sums safely), and anything else is converted
+to float64, the precision the book's gradient checks use.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from bnlib.norm import functional as F
 from bnlib.norm.channels import affine, channel_shape, reduce_dims, update_running_stats
@@ -48,13 +49,14 @@ class _SyncBatchNormFn(torch.autograd.Function):
         var = (stats[c : 2 * c] / total - mean * mean).clamp_min(0.0)
         inv_std = torch.rsqrt(var + eps).to(x.dtype)
         x_hat = (x - mean.to(x.dtype).view(shape)) * inv_std.view(shape)
-        out = affine(x_hat, weight, bias)
+        out = affine(x_hat, weight, bias).to(x.dtype)  # float32 parameters would promote half input
         ctx.save_for_backward(x_hat, inv_std, weight)
         ctx.group, ctx.total, ctx.has_bias = group, float(total), bias is not None
         ctx.mark_non_differentiable(mean, var, total)
         return out, mean, var, total
 
     @staticmethod
+    @once_differentiable  # the saved x_hat and inv_std carry no graph: twice would be silently wrong
     def backward(ctx, grad_out: Tensor, _m, _v, _t):
         x_hat, inv_std, weight = ctx.saved_tensors
         dims, shape = reduce_dims(x_hat), channel_shape(x_hat)
@@ -161,7 +163,7 @@ class SyncBatchNorm(BatchNormBase):
         self._check_input_dim(input)
         F.check_batch_norm_input(input, self.num_features)
         factor = 0.0
-        if self.track_running_stats:
+        if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return sync_batch_norm(
