@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Unit tests that run in seconds; the site, browser, install and determinism tests are left out.
 UNIT_TESTS = [
     "tests/test_reference.py",
+    "tests/test_dropin.py",
     "tests/test_torch_parity.py",
     "tests/test_robustness.py",
     "tests/test_population.py",

@@ -7,6 +7,7 @@ import bnlib
 from bnlib.lab import data, models
 
 
+@pytest.mark.slow
 def test_mnist_5k_is_shuffled_split_and_scaled():
     d = data.mnist_5k(test_size=1000, seed=0)
     assert d.x_train.shape == (4000, 784) and d.x_test.shape == (1000, 784)

@@ -50,6 +50,8 @@ DIFFERENCES_FROM_TORCH = {
     "training forward, so a torch model with eps = 0 can be evaluated but not converted to bnlib "
     "(tests/test_dropin.py)",
     "instance norm, wrong channel count without affine": "bnlib raises ValueError; torch warns and normalizes",
+    "instance norm, track_running_stats switched off after training": "bnlib stops updating the running "
+    "statistics and normalizes each instance with its own; torch keeps updating them, in eval mode too",
     "torch.func and TorchScript": "bnlib's layers run a custom autograd Function: torch.func.grad/vmap/jvp and "
     "torch.jit.script fail on them; torch's layers support them",
     "isinstance checks": "bnlib.BatchNorm1d/2d/3d are not subclasses of torch's: code that tests "
