@@ -40,6 +40,7 @@ CHROMIUM_FLAGS = [
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 TIMEOUT_MS = 30_000
+PHONE_WIDTH = 390  # CSS pixels: a current phone held upright
 
 
 def _unavailable(reason: str):
@@ -139,9 +140,14 @@ def browser():
 class Visit:
     """One page opened in a fresh browser context, with what it logged and requested."""
 
-    def __init__(self, browser, base_url: str):
+    def __init__(self, browser, base_url: str, width: int = 1280):
         self.base = urllib.parse.urlsplit(base_url)
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, service_workers="block")
+        self.context = browser.new_context(
+            viewport={"width": width, "height": 900 if width > PHONE_WIDTH else 844},
+            is_mobile=width <= PHONE_WIDTH,
+            has_touch=width <= PHONE_WIDTH,
+            service_workers="block",
+        )
         self.context.set_default_timeout(TIMEOUT_MS)
         self.foreign: list[str] = []
         self.errors: list[str] = []
@@ -176,8 +182,8 @@ class Visit:
 def visit(browser, site):
     visits = []
 
-    def open_page(path: str) -> Visit:
-        v = Visit(browser, site)
+    def open_page(path: str, width: int = 1280) -> Visit:
+        v = Visit(browser, site, width)
         visits.append(v)
         v.page.goto(f"{site}/{path}", wait_until="load")
         forward = redirect_target(path)
@@ -249,6 +255,28 @@ WIDE_EQUATIONS = """() => Array.from(document.querySelectorAll('mjx-container[di
   .filter(e => e.scrollWidth > e.parentElement.clientWidth + 2)
   .map(e => (e.textContent || "").slice(0, 80))"""
 
+# At phone width: content that sticks out to the right of the screen, unless it sits inside something that
+# scrolls sideways (code blocks, table and output scrollers), and figures wider than their column.
+SIDEWAYS = """() => {
+  const width = document.documentElement.clientWidth;
+  const scrolls = el => { for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      const x = getComputedStyle(a).overflowX; if (x === "auto" || x === "scroll") return true; }
+    return false; };
+  const hidden = el => !(el.offsetWidth || el.offsetHeight || el.getClientRects().length)
+    || el.closest(".bd-sidebar-primary, .bd-sidebar-secondary");  // drawers, off screen until opened
+  const out = [];
+  for (const el of document.querySelectorAll("main *")) {
+    if (hidden(el) || scrolls(el)) continue;
+    const r = el.getBoundingClientRect();
+    if (r.right > width + 1 && r.width > 0)
+      out.push(`${el.tagName.toLowerCase()}.${el.className || ""} right edge ${Math.round(r.right)} px`);
+  }
+  const figures = Array.from(document.querySelectorAll("main img")).filter(img =>
+      !hidden(img) && img.getBoundingClientRect().width > img.parentElement.clientWidth + 1)
+    .map(img => `figure wider than its column: ${img.currentSrc || img.src}`);
+  return {page: document.documentElement.scrollWidth - width, items: out.slice(0, 5), figures: figures};
+}"""
+
 NEXT_FRAME = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
 
 
@@ -280,7 +308,8 @@ def check_page(v: Visit, path: str) -> list[str]:
             problems.append(f"only {widgets['rendered']} of {widgets['views']} widget views rendered")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / screenshot_name(path)
-    page.screenshot(path=str(shot), full_page=True)
+    tall = page.evaluate("() => document.documentElement.scrollHeight") > 30_000  # the API appendix
+    page.screenshot(path=str(shot), full_page=not tall)
     if not shot.exists() or shot.stat().st_size < 1000:
         problems.append(f"no screenshot saved at {shot.relative_to(ROOT)}")
     problems += v.errors + [f"request failed: {r}" for r in v.failed]
@@ -298,6 +327,23 @@ def test_page_in_the_browser(visit, path):
     v = visit(path)
     problems = check_page(v, path)
     assert not problems, f"{path}:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("path", PAGES or ["(no built site)"])
+def test_page_fits_a_phone_screen(visit, path):
+    """At 390 px nothing runs off the screen outside a sideways scroller, and figures scale down."""
+    if not PAGES:
+        pytest.fail("no built site in _build/html: run `make book` first (`make test` does)")
+    v = visit(path, width=PHONE_WIDTH)
+    v.page.evaluate(LOAD_IMAGES)
+    found = v.page.evaluate(SIDEWAYS)
+    shot = SCREENSHOTS / "phone" / screenshot_name(path)
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    tall = v.page.evaluate("() => document.documentElement.scrollHeight") > 30_000  # the API appendix
+    v.page.screenshot(path=str(shot), full_page=not tall)
+    problems = [f"the page scrolls sideways by {found['page']} px"] if found["page"] > 1 else []
+    problems += [f"runs off the screen: {item}" for item in found["items"]] + found["figures"]
+    assert not problems, f"{path} at {PHONE_WIDTH} px:\n  " + "\n  ".join(problems)
 
 
 WIDGET_PAGES = [p for p in PAGES if WIDGET_VIEW in (SITE / p).read_text(encoding="utf-8", errors="replace")]

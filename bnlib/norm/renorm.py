@@ -24,7 +24,8 @@ class BatchRenorm(NormBase):
 
     .. math::
         r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big),\quad
-        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),\quad
+        d = \mathrm{clip}_{[-d_{max}, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),
+
         \hat x = \frac{x - \mu_B}{\sigma_B}\, r + d,\quad y = \gamma \hat x + \beta,
 
     with no gradient through r and d. Unclipped, :math:`\hat x = (x - \mu)/\sigma`: the output
