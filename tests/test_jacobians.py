@@ -161,3 +161,52 @@ def test_example_jacobians_need_running_statistics():
     piece = jacobians.split_at(net, nn.ReLU)[0]
     with pytest.raises(ValueError, match="running statistics"):
         jacobians.example_jacobians(piece, _batch())
+
+
+def _bn_with_eps(eps):
+    return lambda c: bnlib.BatchNorm1d(c, eps=eps)
+
+
+@pytest.mark.parametrize("norm", [*NORMS, _bn_with_eps(0.5)])
+def test_the_whole_batch_jacobian_is_the_projector_times_the_per_example_one(norm):
+    net = _net(norm, sizes=(6, 8, 8, 3))
+    pieces = jacobians.split_at(net, nn.ReLU)  # pieces[1] = ReLU -> Linear -> BN
+    h = jacobians.piece_inputs(pieces, _batch(m=9))[1]
+    whole = jacobians.batch_jacobian(pieces[1], h)
+    per_example = torch.block_diag(*jacobians.example_jacobians(pieces[1], h))
+    proj = jacobians.statistics_projector(pieces[1], h)
+    torch.testing.assert_close(proj @ per_example, whole, rtol=0, atol=1e-12 * float(whole.abs().max()))
+    torch.testing.assert_close(proj, proj.T, rtol=0, atol=0)
+    eig = torch.linalg.eigvalsh(proj)  # 1 (m - 2 per unit), 0, eps / (var + eps): all in [0, 1]
+    assert eig.min() > -1e-12 and eig.max() < 1 + 1e-12
+    assert int((eig > 1 - 1e-9).sum()) == 8 * (9 - 2)
+    s, s_f = torch.linalg.svdvals(whole), torch.linalg.svdvals(per_example)
+    assert bool((s <= s_f + 1e-12 * s_f[0]).all())  # sigma_k(J) <= sigma_k(J_f) for every k
+    assert float(s.norm()) < 0.95 * float(s_f.norm())  # and the coupling is there
+
+
+@pytest.mark.parametrize("norm", [*NORMS, _bn_with_eps(0.5)])
+def test_batch_jacobian_norm_is_the_frobenius_norm_of_the_whole_batch_jacobian(norm):
+    net = _net(norm, sizes=(6, 8, 8, 3))
+    pieces = jacobians.split_at(net, nn.ReLU)
+    h = jacobians.piece_inputs(pieces, _batch(m=9))
+    for piece, h_in in zip(pieces, h):  # [Linear, BN], [ReLU, Linear, BN], [ReLU, Linear] (no BN)
+        direct = torch.linalg.norm(jacobians.batch_jacobian(piece, h_in))
+        torch.testing.assert_close(jacobians.batch_jacobian_norm(piece, h_in), direct, rtol=1e-12, atol=0)
+    # the per-example norm is not it: the statistics' path takes out about 2 of every m directions
+    held = jacobians.example_jacobians(pieces[1], h[1]).norm()
+    assert jacobians.batch_jacobian_norm(pieces[1], h[1]) < 0.95 * held
+
+
+def test_the_structure_needs_the_bn_layer_last():
+    net = _net(bnlib.BatchNorm1d)
+    piece = jacobians.split_at(net, nn.Linear)[0]  # Linear -> BN -> ReLU
+    h = _batch()
+    with pytest.raises(ValueError, match="last module"):
+        jacobians.batch_jacobian_norm(piece, h)
+    with pytest.raises(ValueError, match="last module"):
+        jacobians.statistics_projector(piece, h)
+    plain = jacobians.split_at(_net(None), nn.ReLU)[1]
+    h_plain = jacobians.piece_inputs(jacobians.split_at(_net(None), nn.ReLU), h)[1]
+    eye = jacobians.statistics_projector(plain, h_plain)
+    torch.testing.assert_close(eye, torch.eye(7 * 4, dtype=torch.float64), rtol=0, atol=0)

@@ -21,13 +21,26 @@ mode, holding each BN layer's statistics at this batch's values gives the same k
 block-diagonal matrix J_f. The difference J - J_f is the path through the statistics: per
 normalized channel, a rank-one term along the direction 1 (the mean) and one along x_hat (the
 variance), so ``rank(J - J_f) <= r``, r = 2 x (channels normalized with batch statistics)
-(:func:`coupling_rank`). By the interlacing inequalities for a perturbation of rank r,
+(:func:`coupling_rank`).
 
-    sigma_{k+r}(J_f) <= sigma_k(J) <= sigma_{k-r}(J_f)    (singular values in decreasing order)
+**A piece that ends with its only BN layer** (``[ReLU, Linear, BN]``, the pieces of
+``split_at(model, nn.ReLU)``) has more structure: ``J = P J_f`` exactly, where P acts on each
+output unit's m values with the matrix of the batch-norm Jacobian theorem::
 
-the two spectra agree up to a shift of r places: r = 200 of m d = 6,000 for 100 units and a batch
-of 60. J_f costs m small SVDs; J is one SVD of an (m d) x (m d) matrix, minutes for such a batch,
-so the large measurements use J_f and the whole-batch J checks the bound on smaller batches.
+    P_k = I - 1 1^T / m - x_hat_k x_hat_k^T / m    (x_hat_k: the unit's m normalized values)
+
+(:func:`statistics_projector`). P is symmetric with eigenvalues 1 (m - 2 per unit), 0 and
+eps / (var + eps): a projection up to eps. Hence ``sigma_k(J) <= sigma_k(J_f)`` for every k (no
+singular value of J exceeds the corresponding one of J_f), and the Frobenius norm of J, so the
+root mean square of its singular values, follows from J_f and x_hat without forming J
+(:func:`batch_jacobian_norm`)::
+
+    ||J||_F^2 = sum_{i,k} ||J_f[i, k, :]||^2 (1 - 1/m - (2 - c_k) x_hat_ik^2 / m),
+    c_k = mean_i x_hat_ik^2 = var_k / (var_k + eps).
+
+Nothing bounds ``sigma_k(J)`` from below by ``sigma_k(J_f)``: the spectra can differ (at m = 8
+markedly). J_f costs m small SVDs; the SVD of J, an (m d) x (m d) matrix, takes minutes for a
+batch of 60 with 100 units, so the large measurements use J_f and the exact norm of J.
 
 All computations run on a float64 copy of the piece by default, in training mode (batch
 statistics), and never change the model (running statistics included).
@@ -51,6 +64,8 @@ __all__ = [
     "batch_jacobian",
     "example_jacobians",
     "coupling_rank",
+    "statistics_projector",
+    "batch_jacobian_norm",
     "batch_singular_values",
     "example_singular_values",
     "gradient_norms",
@@ -202,6 +217,86 @@ def coupling_rank(piece: nn.Module) -> int:
     return 2 * sum(int(mod.num_features) for mod in piece.modules() if is_batch_norm(mod))
 
 
+def _output_x_hat(work: nn.Module, h: Tensor) -> Tensor | None:
+    """x_hat (m, d_out) of the piece's last module, its only BN layer; None if it has no BN layer."""
+    bns = [mod for mod in work.modules() if is_batch_norm(mod)]
+    if not bns:
+        return None
+    if not (isinstance(work, nn.Sequential) and len(bns) == 1 and work[-1] is bns[0]):
+        raise ValueError("the structure J = P J_f needs a sequential piece whose only BN layer is its last module")
+    captured: list[Tensor] = []
+    hook = bns[0].register_forward_pre_hook(lambda mod, inp: captured.append(inp[0].detach()))
+    try:
+        with torch.no_grad():
+            work.train()(h)
+    finally:
+        hook.remove()
+    z = captured[0]
+    if z.dim() != 2:
+        raise ValueError(f"expected an (m, d) input of the BN layer, got {tuple(z.shape)}")
+    var = z.var(0, unbiased=False)  # the biased variance normalizes in training
+    return (z - z.mean(0)) / torch.sqrt(var + bns[0].eps)
+
+
+def statistics_projector(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
+    """P with ``batch_jacobian(piece, h) = P @ block_diag(*example_jacobians(piece, h))``.
+
+    For a piece whose only BN layer is its last module. Per output unit k, P acts on the unit's m
+    values with ``I - 1 1^T / m - x_hat_k x_hat_k^T / m`` (the bracket of the batch-norm Jacobian
+    theorem) and leaves other units alone: symmetric, eigenvalues 1 (m - 2 per unit), 0 (along 1)
+    and eps / (var_k + eps) (along x_hat_k). Without a BN layer P is the identity. For small
+    batches: P has (m d_out)^2 entries.
+
+    Args:
+        piece: a sequential module whose last module is its only BN layer (or that has none).
+        h: the batch, (m, d_in).
+        dtype: compute in this dtype (None: ``h``'s).
+
+    Returns:
+        ``(m * d_out, m * d_out)``, rows and columns ordered example by example.
+    """
+    work, h = _working_copy(piece, h, dtype)
+    x_hat = _output_x_hat(work, h)
+    with torch.no_grad():
+        m, d = h.shape[0], work(h).shape[1]
+        eye = torch.eye(m * d, dtype=h.dtype, device=h.device)
+        if x_hat is None:
+            return eye
+        per_unit = torch.eye(m, dtype=h.dtype, device=h.device) - 1 / m  # (m, m)
+        per_unit = per_unit - x_hat.T[:, :, None] * x_hat.T[:, None, :] / m  # (d, m, m): unit k
+        blocks = per_unit.permute(1, 0, 2)[:, :, :, None]  # [i, k, j, 1]
+        same_unit = torch.eye(d, dtype=h.dtype, device=h.device)[None, :, None, :]  # [1, k, 1, l]
+        return (blocks * same_unit).reshape(m * d, m * d)
+
+
+def batch_jacobian_norm(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
+    """The Frobenius norm of :func:`batch_jacobian`, exactly, from J_f and x_hat without forming J.
+
+    For a piece whose only BN layer is its last module, ``J = P J_f`` (:func:`statistics_projector`),
+    and P's blocks act on rows of J_f that have no column in common, so
+    ``||J||_F^2 = sum_{i,k} ||J_f[i, k, :]||^2 (1 - 1/m - (2 - c_k) x_hat_ik^2 / m)`` with
+    ``c_k = mean_i x_hat_ik^2``. ``||J||_F / sqrt(m d_out)`` is the root mean square of J's
+    singular values (zeros included). Without a BN layer J = J_f.
+
+    Args:
+        piece: a sequential module whose last module is its only BN layer (or that has none).
+        h: the batch, (m, d_in).
+        dtype: compute in this dtype (None: ``h``'s).
+
+    Returns:
+        A 0-d tensor.
+    """
+    rows = example_jacobians(piece, h, dtype).pow(2).sum(-1)  # (m, d_out): ||J_f[i, k, :]||^2
+    work, h = _working_copy(piece, h, dtype)
+    x_hat = _output_x_hat(work, h)
+    if x_hat is None:
+        return rows.sum().sqrt()
+    m = h.shape[0]
+    c = x_hat.pow(2).mean(0)
+    weights = 1 - 1 / m - (2 - c) * x_hat.pow(2) / m
+    return (rows * weights.to(rows.device)).sum().sqrt()
+
+
 def batch_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
     """Singular values of :func:`batch_jacobian`, in decreasing order (1-D).
 
@@ -216,8 +311,9 @@ def batch_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | None
 def example_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
     """Singular values of every example's Jacobian (:func:`example_jacobians`), all together, decreasing (1-D).
 
-    They are the singular values of the block-diagonal J_f, so the whole-batch Jacobian's lie
-    within :func:`coupling_rank` places of them.
+    They are the singular values of the block-diagonal J_f. For a piece that ends with its only BN
+    layer, the k-th singular value of the whole-batch Jacobian is at most the k-th of these (see
+    the module docstring); it can be much smaller.
 
     Args:
         piece: the module.
