@@ -12,6 +12,7 @@ from torch import nn
 from bnlib.lab import invariance as inv
 from bnlib.lab import models, training
 from bnlib.lab.experiments import scale_invariance as si
+from bnlib.lab.measure import evaluate
 
 SCALES = [1e-3, 1e-1, 10.0, 1e3]
 
@@ -165,3 +166,107 @@ def test_joint_scaling_uses_the_given_loss():
     a = si.joint_scaling(net, ["4.weight"], x, y, [2.0])
     b = si.joint_scaling(net, ["4.weight"], x, y, [2.0], loss_fn=lambda out, t: 2 * F.cross_entropy(out, t))
     assert b.loss_gaps[0] == pytest.approx(2 * a.loss_gaps[0], rel=1e-12)
+
+
+def _trained_pair(c, steps=5):
+    """The run from W_0 and the equivalent run from c W_0 at rate c^2 eta (eps = 0)."""
+    x, y = _data(n=64)
+    nets = []
+    for scale in (1.0, c):
+        net = inv.scale_invariant_(_net(), scale)
+        ids = {id(p) for _, p in inv.invariant_weights(net)}
+        opt = torch.optim.SGD([{"params": [p for p in net.parameters() if id(p) in ids], "lr": 0.1 * scale**2},
+                               {"params": [p for p in net.parameters() if id(p) not in ids], "lr": 0.1}])
+        training.train(net, x, y, steps=steps, batch_size=16, optimizer=opt, seed=0)
+        nets.append(net)
+    return nets, x
+
+
+def test_equivalent_runs_differ_in_eval_mode_until_statistics_are_recomputed():
+    (a, b), x = _trained_pair(10.0)
+    with torch.no_grad():
+        assert (a.train()(x) - b.train()(x)).abs().max() < 1e-12  # training mode: the same network
+    running = si.eval_disagreement(a, b, x)
+    assert running.max_logit_gap > 1e-3  # the running variance started at 1 in both, not at c^2
+    recomputed = si.eval_disagreement(si.with_recomputed_statistics(a, x, 16),
+                                      si.with_recomputed_statistics(b, x, 16), x)
+    assert recomputed.max_logit_gap < 1e-12
+    assert recomputed.disagreement == 0.0
+
+
+def test_eval_disagreement_counts_predictions_and_keeps_modes():
+    net = _net()
+    other = _net()
+    x, _ = _data()
+    net.train()
+    other.eval()
+    same = si.eval_disagreement(net, other, x)
+    assert same.max_logit_gap == 0.0 and same.disagreement == 0.0
+    assert net.training and not other.training
+    with torch.no_grad():  # swap two output rows: the predictions of those two classes swap
+        other[-1].weight.copy_(other[-1].weight[[1, 0, 2]])
+        other[-1].bias.copy_(other[-1].bias[[1, 0, 2]])
+    net.eval()
+    with torch.no_grad():
+        pred = net(x).argmax(1)
+    expected = float(((pred == 0) | (pred == 1)).double().mean())
+    assert si.eval_disagreement(net, other, x).disagreement == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        si.eval_disagreement(net, nn.Sequential(net, nn.Linear(3, 2).double()), x)
+
+
+def test_recomputed_statistics_are_population_statistics_of_a_copy():
+    (net, _), x = _trained_pair(10.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fresh = si.with_recomputed_statistics(net, x, batch_size=16)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        z = net[0](x)  # first-layer pre-activations
+    batches = z.split(16)
+    np.testing.assert_allclose(fresh[1].running_mean.numpy(), z.mean(0).numpy(), rtol=1e-12, atol=1e-14)
+    mean_var = torch.stack([b.var(0, correction=1) for b in batches]).mean(0)
+    np.testing.assert_allclose(fresh[1].running_var.numpy(), mean_var.numpy(), rtol=1e-12)
+    with pytest.raises(ValueError):
+        si.with_recomputed_statistics(net, x, batch_size=1)
+
+
+def test_recomputed_test_metrics_recorder():
+    (net, _), x = _trained_pair(10.0)
+    _, y = _data(n=64)
+    recorder = si.recomputed_test_metrics(x, x[:32], y[:32], batch_size=16, prefix="pop_")
+    state = training.TrainState(5, net, torch.optim.SGD(net.parameters(), lr=0.1), x, y, None)
+    values = recorder(state)
+    loss, acc = evaluate(si.with_recomputed_statistics(net, x, 16), x[:32], y[:32])
+    assert values == {"pop_accuracy": acc, "pop_loss": loss}
+    running_loss, _ = evaluate(net, x[:32], y[:32])
+    assert running_loss != pytest.approx(loss, rel=1e-6)  # the running averages lag: a different model
+
+
+def test_angular_tracker_records_every_update():
+    net, (x, y) = _net(), _data()
+    tracker = si.AngularTracker(net)
+    w0 = [w.detach().clone() for _, w in inv.invariant_weights(net)]
+    np.testing.assert_allclose(tracker.start_sq_norm, [float((inv.row_norms(w) ** 2).mean()) for w in w0])
+    seen = []
+
+    def snapshot(state):
+        seen.append([w.detach().clone() for _, w in inv.invariant_weights(state.model)])
+
+    training.train(net, x, y, steps=3, batch_size=16, lr=2.0, callbacks=[snapshot, tracker], seed=0)
+    assert tracker.mean_angle.shape == tracker.mean_sq_angle.shape == tracker.sq_norm.shape == (3, 2)
+    previous = w0
+    for t, now in enumerate(seen):
+        turns = [inv.angular_update(a, b) for a, b in zip(previous, now)]
+        np.testing.assert_allclose(tracker.mean_angle[t], [float(u.mean()) for u in turns], rtol=1e-12)
+        np.testing.assert_allclose(tracker.mean_sq_angle[t], [float((u**2).mean()) for u in turns], rtol=1e-12)
+        np.testing.assert_allclose(tracker.sq_norm[t], [float((inv.row_norms(b) ** 2).mean()) for b in now],
+                                   rtol=1e-12)
+        previous = now
+    assert (tracker.mean_sq_angle >= tracker.mean_angle**2 - 1e-15).all()  # Jensen
+    assert tracker.mean_angle.min() > 0
+
+
+def test_angular_tracker_needs_invariant_weights():
+    with pytest.raises(ValueError):
+        si.AngularTracker(nn.Sequential(nn.Linear(3, 3), nn.ReLU()))

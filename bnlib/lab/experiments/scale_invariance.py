@@ -13,6 +13,13 @@ r"""Scale invariance beyond single weight matrices, and what the first large ste
   optimizer that treats every scale-invariant parameter alike.
 - :func:`angle_from_start` is a recorder for :func:`bnlib.lab.training.train`: the angle between
   each invariant weight's rows now and at the start, which after one step is that step's angle.
+- :class:`AngularTracker` is a callback for the same loop: the angle every update turns each
+  invariant weight's rows by (mean and mean square over rows) and the weights' squared norms.
+- The invariance holds in training mode, where every batch is normalized by its own statistics. In
+  eval mode the running averages can break it: :func:`eval_disagreement` compares two networks'
+  eval-mode outputs, :func:`with_recomputed_statistics` gives a copy whose running statistics are
+  population statistics at its current weights, and :func:`recomputed_test_metrics` is a recorder of
+  the test accuracy measured with such a copy (not lagging the weights as the running averages do).
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bnlib.lab.invariance import angular_update, invariant_weights
+from bnlib.lab.invariance import angular_update, invariant_weights, row_norms
+from bnlib.lab.measure import device_of, evaluate
 from bnlib.lab.training import Recorder, TrainState
 from bnlib.norm.modules import is_batch_norm
+from bnlib.norm.population import recompute_statistics
 
 __all__ = [
     "invariant_affine_groups",
@@ -36,6 +45,11 @@ __all__ = [
     "JointScaling",
     "joint_scaling",
     "angle_from_start",
+    "AngularTracker",
+    "EvalDisagreement",
+    "eval_disagreement",
+    "with_recomputed_statistics",
+    "recomputed_test_metrics",
 ]
 
 _HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)  # f(a x) = a f(x) for a > 0
@@ -169,5 +183,136 @@ def angle_from_start(model: nn.Module) -> Recorder:
         now = [w.detach() for _, w in invariant_weights(state.model)]
         angles = [angular_update(w0, w).mean() for w0, w in zip(start, now)]
         return {"angle_from_start": torch.stack(angles)}
+
+    return recorder
+
+
+class AngularTracker:
+    """A callback for :func:`bnlib.lab.training.train` that follows the invariant weights
+    (:func:`bnlib.lab.invariance.invariant_weights`) update by update.
+
+    After every update it records, for each weight, the mean over rows of the angle the update
+    turned each row by (:func:`bnlib.lab.invariance.angular_update`), the mean of its square, and
+    the mean squared row norm. Create it after the weights have their starting values.
+
+    The records are ``mean_angle``, ``mean_sq_angle`` and ``sq_norm``, arrays of shape
+    ``(updates, weights)``, and ``start_sq_norm``, the mean squared row norms at creation, of shape
+    ``(weights,)``.
+
+    Args:
+        model: the network being trained.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.weights = [w for _, w in invariant_weights(model)]
+        if not self.weights:
+            raise ValueError("the model has no scale-invariant weights")
+        self.before = [w.detach().clone() for w in self.weights]
+        self.start_sq_norm = np.array(self._sq_norms())
+        self._log: dict[str, list[list[float]]] = {"mean_angle": [], "mean_sq_angle": [], "sq_norm": []}
+
+    def _sq_norms(self) -> list[float]:
+        return [float((row_norms(w.detach()) ** 2).mean()) for w in self.weights]
+
+    def __call__(self, state: TrainState) -> None:
+        turns = [angular_update(b, w.detach()) for b, w in zip(self.before, self.weights)]
+        self._log["mean_angle"].append([float(u.mean()) for u in turns])
+        self._log["mean_sq_angle"].append([float(u.pow(2).mean()) for u in turns])
+        self._log["sq_norm"].append(self._sq_norms())
+        self.before = [w.detach().clone() for w in self.weights]
+
+    @property
+    def mean_angle(self) -> np.ndarray:
+        """Mean over rows of the angle (radians) each update turned the rows by."""
+        return np.array(self._log["mean_angle"]).reshape(-1, len(self.weights))
+
+    @property
+    def mean_sq_angle(self) -> np.ndarray:
+        """Mean over rows of the squared angle of each update."""
+        return np.array(self._log["mean_sq_angle"]).reshape(-1, len(self.weights))
+
+    @property
+    def sq_norm(self) -> np.ndarray:
+        """Mean squared row norm after each update."""
+        return np.array(self._log["sq_norm"]).reshape(-1, len(self.weights))
+
+
+@dataclass(frozen=True)
+class EvalDisagreement:
+    """How far two classifiers' eval-mode outputs are apart on the same inputs.
+
+    Args:
+        max_logit_gap: largest absolute difference of the outputs over all inputs and classes.
+        disagreement: fraction of inputs whose argmax predictions differ.
+    """
+
+    max_logit_gap: float
+    disagreement: float
+
+
+@torch.no_grad()
+def eval_disagreement(model_a: nn.Module, model_b: nn.Module, x: Tensor) -> EvalDisagreement:
+    """Compare two networks in eval mode (running statistics) on ``x``; both are left in the
+    mode they were in.
+
+    Args:
+        model_a: a classifier returning logits (N, classes).
+        model_b: another, with outputs of the same shape.
+        x: the inputs (moved to each model's device).
+
+    Returns:
+        An :class:`EvalDisagreement`.
+    """
+    outputs = []
+    for model in (model_a, model_b):
+        mode = model.training
+        model.eval()
+        try:
+            outputs.append(model(x.to(device_of(model))).cpu())
+        finally:
+            model.train(mode)
+    a, b = outputs
+    if a.shape != b.shape:
+        raise ValueError(f"the outputs differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return EvalDisagreement(float((a - b).abs().max()),
+                            float((a.argmax(dim=1) != b.argmax(dim=1)).double().mean()))
+
+
+def with_recomputed_statistics(model: nn.Module, x: Tensor, batch_size: int = 500) -> nn.Module:
+    """A copy of ``model`` whose batch-norm running statistics are population statistics of ``x``
+    at the current weights (:func:`bnlib.norm.population.recompute_statistics`); ``model`` is
+    unchanged.
+
+    Args:
+        model: the network.
+        x: training inputs, fed in consecutive batches of ``batch_size`` (the last may be smaller).
+        batch_size: examples per forward pass; large batches only save time, since the running
+            variance becomes the average of the batches' unbiased variances.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2, got {batch_size}")
+    copy_ = copy.deepcopy(model)
+    recompute_statistics(copy_, x.to(device_of(copy_)).split(batch_size))
+    return copy_
+
+
+def recomputed_test_metrics(
+    x_train: Tensor, x_test: Tensor, y_test: Tensor, batch_size: int = 500, prefix: str = "recomputed_"
+) -> Recorder:
+    """A recorder of ``{prefix}accuracy`` and ``{prefix}loss`` on ``(x_test, y_test)`` in eval mode,
+    with statistics recomputed from ``x_train`` at the current weights
+    (:func:`with_recomputed_statistics`; the trained model and its running averages are unchanged).
+
+    Args:
+        x_train: inputs the statistics are computed from.
+        x_test: held-out inputs.
+        y_test: their class indices.
+        batch_size: see :func:`with_recomputed_statistics`.
+        prefix: put before both names.
+    """
+
+    def recorder(state: TrainState) -> dict[str, float]:
+        loss, acc = evaluate(with_recomputed_statistics(state.model, x_train, batch_size), x_test, y_test)
+        return {f"{prefix}accuracy": acc, f"{prefix}loss": loss}
 
     return recorder
