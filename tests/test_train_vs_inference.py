@@ -119,11 +119,16 @@ def test_ema_vs_precise_records_and_separates_lag_from_sampling():
     d = Split(d.x_train[:320], d.y_train[:320], d.x_test[:64], d.y_test[:64])
     hist = tvi.ema_vs_precise(_cnn(), d, lr=0.3, steps=30, interval=10, seed=0, windows=(16, 4))
     assert hist.steps == [10, 20, 30]
-    for key in ("ema", "precise-16", "precise-4", "lag", "sampling-4"):
+    for key in ("ema", "precise-16", "precise-4", "lag", "sampling-4", "frozen-ema"):
         assert hist[key].shape == (3,) and all(0 <= v for v in hist[key])
     assert all(0 <= v <= 1 for v in hist["ema"])
     # a 4-batch estimate of the frozen statistics is closer than the lagging EMA
     assert all(hist["sampling-4"] < hist["lag"])
+    # on frozen weights the running averages forget the lag (0.9^40 of it is left)
+    assert all(hist["frozen-ema"] < hist["lag"] / 3)
+    without = tvi.ema_vs_precise(_cnn(), d, lr=0.3, steps=10, interval=10, seed=0, windows=(16, 4),
+                                 frozen_ema=0)  # fmt: skip
+    assert "frozen-ema" not in without and "lag" in without
 
 
 def _flat_split(n_train=256, n_test=64):
@@ -144,18 +149,32 @@ def test_normalization_batch_runs_keys_and_pairing():
         "PreciseBN loss",
         "batch statistics loss",
         "train loss, PreciseBN",
+        "train accuracy, PreciseBN",
+        "train loss, batch statistics",
+        "train accuracy, batch statistics",
+        "PreciseBN, groups of n",
         "inconsistency",
         "inconsistency, trained at max",
     }
     for r in runs.values():
         assert set(r) == keys
-        assert all(0 <= r[k] <= 1 for k in ("running averages", "PreciseBN", "batch statistics"))
+        assert all(0 <= r[k] <= 1 for k in ("running averages", "PreciseBN", "batch statistics",
+                                            "PreciseBN, groups of n", "train accuracy, batch statistics"))
+    # groups of 2 fit the training set worse under their own batch statistics than PreciseBN says
+    assert runs[2]["train loss, batch statistics"] > runs[2]["train loss, PreciseBN"]
     # the largest size is its own reference; smaller groups scatter more
     assert runs[8]["inconsistency"] == runs[8]["inconsistency, trained at max"]
     assert runs[2]["inconsistency, trained at max"] > runs[8]["inconsistency, trained at max"]
     again = tvi.normalization_batch_runs(split, (2, 8), epochs=1, seed=0, hidden=(16,), test_size=64,
                                          probe_size=64, precise_batches=4)  # fmt: skip
     assert again == runs  # seeded
+
+
+def test_recomputation_with_groups_of_the_sgd_batch_size_is_precise_bn():
+    """With n equal to the SGD batch size, recomputing with groups of n is PreciseBN itself."""
+    runs = tvi.normalization_batch_runs(_flat_split(), (2, 8), epochs=1, seed=0, hidden=(16,), batch_size=8,
+                                        test_size=64, probe_size=64, precise_batches=4)  # fmt: skip
+    assert runs[8]["PreciseBN, groups of n"] == runs[8]["PreciseBN"]
 
 
 def test_normalization_batch_runs_refuses_sizes_that_do_not_divide():

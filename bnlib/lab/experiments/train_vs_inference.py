@@ -224,6 +224,7 @@ def ema_vs_precise(
     seed: int,
     windows: Sequence[int] = (32, 10),
     batch_size: int = 32,
+    frozen_ema: int = 40,
 ) -> History:
     """Train ``model`` (SGD with momentum 0.9) and compare its running averages with PreciseBN.
 
@@ -232,7 +233,10 @@ def ema_vs_precise(
     each ``w`` in ``windows`` (``"precise-w"``, :func:`bnlib.norm.population.recompute_statistics`).
     ``"lag"`` is the :func:`normalization_error` of the running averages against the first window's
     statistics, ``"sampling"`` that of each further window's (``"sampling-w"``): what a shorter
-    recomputation costs without any lag.
+    recomputation costs without any lag. ``"frozen-ema"`` is the error of the running averages
+    after ``frozen_ema`` more batches through a copy whose weights stay frozen (BN layers in
+    training mode with their own momentum, no parameter update): the direct test of lag, which
+    should vanish once the averaged batches all come from the same weights.
 
     Args:
         model: the network (trained in place).
@@ -243,6 +247,7 @@ def ema_vs_precise(
         seed: the order of the training batches and of the recomputation's batches.
         windows: numbers of batches to recompute the statistics from; the first is the reference.
         batch_size: examples per training and recomputation batch.
+        frozen_ema: batches of running averages on the frozen copy (0: not measured).
     """
     order = torch.Generator().manual_seed(seed)
 
@@ -257,6 +262,13 @@ def ema_vs_precise(
         reference = recomputed[windows[0]]
         out["lag"] = normalization_error(state.model, reference)
         out.update({f"sampling-{w}": normalization_error(recomputed[w], reference) for w in windows[1:]})
+        if frozen_ema:
+            frozen = copy.deepcopy(state.model).train()
+            source = batches(data.x_train, data.y_train, batch_size, order, epochs=None)
+            with torch.no_grad():
+                for _, (xb, _yb) in zip(range(frozen_ema), source):
+                    frozen(xb)  # the running averages move; the weights do not
+            out["frozen-ema"] = normalization_error(frozen, reference)
         return out
 
     return train(model, data.x_train, data.y_train, steps=steps, batch_size=batch_size,
@@ -293,8 +305,14 @@ def normalization_batch_runs(
       running averages, with statistics recomputed on ``precise_batches`` training batches, and
       with every group of ``n`` test examples normalized by its own statistics; ``"... loss"``:
       the test cross-entropy of each;
-    - ``"train loss, PreciseBN"``: the loss on the whole training set with the PreciseBN
-      statistics, how well the trained weights fit the data they were trained on;
+    - ``"train loss, PreciseBN"``, ``"train loss, batch statistics"`` (and ``"train accuracy,
+      ..."``): the loss on the training set (its first multiple of ``batch_size`` examples) with
+      the PreciseBN statistics and with every group of ``n`` training examples normalized by its
+      own statistics, as in training;
+    - ``"PreciseBN, groups of n"``: test accuracy when the statistics are recomputed with the
+      BN layers normalizing groups of ``n`` (as in training) instead of batches of ``batch_size``
+      (a control for ``"PreciseBN"``, whose deeper layers see inputs normalized over
+      ``batch_size`` examples while the statistics are collected);
     - ``"inconsistency"``: the train-test inconsistency, the relative difference between the logits
       of ``probe_size`` training examples under batch statistics (groups of ``n``) and under the
       PreciseBN statistics;
@@ -326,6 +344,8 @@ def normalization_batch_runs(
     x_test, y_test = data.x_test[:test_size], data.y_test[:test_size]
     group_order = torch.randperm(test_size, generator=torch.Generator().manual_seed(seed)).to(device)
     probe = data.x_train[:probe_size]
+    fit = len(data.x_train) // batch_size * batch_size
+    x_fit, y_fit = data.x_train[:fit], data.y_train[:fit]
     precise_nets, out = {}, {}
     for n in sizes:
         net = mlp(widths, "relu", norm=lambda c, n=n: make_norm(c, n),
@@ -342,7 +362,16 @@ def normalization_batch_runs(
             r[f"{name} loss"], r[name] = evaluate(model, x_test, y_test)
         r["batch statistics loss"] = F.cross_entropy(grouped, y_test[group_order]).item()
         r["batch statistics"] = (grouped.argmax(1) == y_test[group_order]).float().mean().item()
-        r["train loss, PreciseBN"] = evaluate(precise, data.x_train, data.y_train)[0]
+        r["train loss, PreciseBN"], r["train accuracy, PreciseBN"] = evaluate(precise, x_fit, y_fit)
+        with torch.no_grad():
+            fit_logits = pop.evaluate_with_batch_statistics(precise, x_fit, n)
+        r["train loss, batch statistics"] = F.cross_entropy(fit_logits, y_fit).item()
+        r["train accuracy, batch statistics"] = (fit_logits.argmax(1) == y_fit).float().mean().item()
+        grouped_stats = copy.deepcopy(ema)
+        g = torch.Generator().manual_seed(seed)
+        pop.recompute_statistics(grouped_stats, batches(data.x_train, data.y_train, n, g),
+                                 precise_batches * batch_size // n)  # fmt: skip
+        r["PreciseBN, groups of n"] = evaluate(grouped_stats, x_test, y_test)[1]
         with torch.no_grad():
             r["inconsistency"] = _relative_gap(pop.evaluate_with_batch_statistics(precise, probe, n), precise(probe))
         precise_nets[n], out[n] = precise, r
