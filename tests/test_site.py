@@ -504,3 +504,35 @@ def test_front_page_links_to_the_api_appendix():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     appendices = next(p["chapters"] for p in toc["parts"] if p.get("caption") == "Appendices")
     assert appendices[-1]["file"] == "book/api", "the API appendix is the last appendix"
+
+
+# --------------------------------------------------------------------------------------------------
+# chapter pages read like a book: no set-up code on the page, plotting code folded under its figure
+
+
+def _code_cells(notebook: Path):
+    import json
+
+    for index, cell in enumerate(json.loads(notebook.read_text(encoding="utf-8"))["cells"]):
+        if cell["cell_type"] == "code":
+            yield index, "".join(cell["source"]), cell.get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "book").glob("*.ipynb")))
+def test_setup_cells_are_hidden_and_plotting_cells_folded(notebook):
+    problems = []
+    for index, source, tags in _code_cells(ROOT / "book" / notebook):
+        hidden = {"remove-input", "remove-cell"} & set(tags)
+        if ('find_spec("bnlib")' in source or "bnlib.setup(" in source) and not hidden:
+            problems.append(f"cell {index}: set-up code shown on the page (tag it remove-input)")
+        draws = "plt.subplots" in source or "plt.figure" in source
+        if draws and 'glue("fig' in source and "assert " not in source and not (hidden or "hide-input" in tags):
+            problems.append(f"cell {index}: plotting code not folded under its figure (tag it hide-input)")
+    assert not problems, f"{notebook}:\n  " + "\n  ".join(problems)
+
+
+def test_no_built_page_shows_the_setup_cell():
+    if not SITE.exists():
+        pytest.skip("no built site")
+    shown = [p.name for p in (SITE / "book").glob("*.html") if "find_spec" in p.read_text(encoding="utf-8")]
+    assert not shown, f"the set-up cell is on {shown}"

@@ -1,8 +1,12 @@
-"""Experiments that belong to one chapter each: small batches and non-i.i.d. batches
-(:mod:`~bnlib.lab.experiments.small_batches`), recurrent networks
-(:mod:`~bnlib.lab.experiments.recurrent`), data-parallel training
-(:mod:`~bnlib.lab.experiments.data_parallel`), noisy and lp batch norm
-(:mod:`~bnlib.lab.experiments.noisy`), deep linear networks (:mod:`~bnlib.lab.experiments.deep_linear`).
+"""Experiments that belong to one chapter each. The rest of :mod:`bnlib.lab` never imports from here.
 
-The rest of :mod:`bnlib.lab` never imports from here.
+- :mod:`~bnlib.lab.experiments.covariate_shift`: the internal-covariate-shift chapter's runs;
+- :mod:`~bnlib.lab.experiments.conv_statistics`: per-channel vs per-position statistics in CNNs;
+- :mod:`~bnlib.lab.experiments.train_vs_inference`: PreciseBN, small normalization batches, mistakes;
+- :mod:`~bnlib.lab.experiments.scale_invariance`: joint scale invariance, the first step, eval mode;
+- :mod:`~bnlib.lab.experiments.small_batches`: small and non-i.i.d. batches;
+- :mod:`~bnlib.lab.experiments.recurrent`: recurrent networks with batch and layer norm;
+- :mod:`~bnlib.lab.experiments.data_parallel`: data-parallel training with synchronized BN;
+- :mod:`~bnlib.lab.experiments.noisy`: noisy and lp batch norm (the smoothing chapter);
+- :mod:`~bnlib.lab.experiments.deep_linear`: deep linear networks (the smoothing chapter).
 """
