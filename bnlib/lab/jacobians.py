@@ -128,7 +128,7 @@ def batch_jacobian(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torc
 
     Args:
         piece: the module (its copy runs in training mode; the module is not changed).
-        h: the batch, (m, d_in) (or (m, C, *)).
+        h: the batch, ``(m, d_in)`` (or ``(m, C, ...)``).
         dtype: compute in this dtype (None: ``h``'s).
 
     Returns:

@@ -50,7 +50,7 @@ __all__ = [
 NormFactory = Callable[[int], nn.Module]
 #: the standard deviation of every weight in our runs of Ioffe & Szegedy's MNIST network
 PAPER_STD = 0.1
-#: Glorot's scale times this gain: the initialization usually recommended for sigmoid layers
+#: the gain on Glorot's scale usually recommended for sigmoid layers (4x)
 SIGMOID_GAIN = 4.0
 
 

@@ -295,7 +295,7 @@ def normalization_batch_runs(
     make_norm: Callable[[int, int], nn.Module] | None = None,
 ) -> dict[int, dict[str, float]]:
     """Train an MLP (ReLU, BN after every hidden layer) whose BN layers normalize over groups of ``n``
-    examples (:class:`bnlib.norm.GhostBatchNorm`) for every ``n`` in ``sizes``, and evaluate it.
+    examples (:class:`bnlib.norm.renorm.GhostBatchNorm`) for every ``n`` in ``sizes``, and evaluate it.
 
     Every ``n`` starts from the same weights and sees the same SGD batches of ``batch_size`` (both
     from ``seed``): only the normalization batch differs, so results are paired across ``n``. For
@@ -333,7 +333,7 @@ def normalization_batch_runs(
         test_size: test examples evaluated.
         probe_size: training examples on which the inconsistency is measured.
         make_norm: ``make_norm(channels, n)`` builds a BN layer with groups of ``n`` (default:
-            :class:`bnlib.norm.GhostBatchNorm`).
+            :class:`bnlib.norm.renorm.GhostBatchNorm`).
     """
     if any(batch_size % n or test_size % n or probe_size % n for n in sizes):
         raise ValueError(f"every size must divide {batch_size}, {test_size} and {probe_size}; got {list(sizes)}")
