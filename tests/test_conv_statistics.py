@@ -85,14 +85,25 @@ def test_which_per_example_norms_keep_translation_equivariance():
 
 def test_effective_fraction_is_one_for_independent_values_and_one_over_hw_for_constant_maps():
     g = torch.Generator().manual_seed(0)
-    independent = torch.randn(2000, 2, 4, 4, generator=g)
-    constant = torch.randn(2000, 2, 1, 1, generator=g).expand(2000, 2, 4, 4)
+    independent = torch.randn(20_000, 2, 4, 4, generator=g)
+    constant = torch.randn(20_000, 2, 1, 1, generator=g).expand(20_000, 2, 4, 4)
     for n in (2, 16):
-        fraction, predicted = cs.effective_fraction(independent, n, 20_000, g)
-        assert ((fraction - 1).abs() < 0.1).all() and ((predicted - 1).abs() < 0.15).all()
-        fraction, predicted = cs.effective_fraction(constant, n, 20_000, g)
-        assert ((fraction * 16 - 1).abs() < 0.1).all()
-        torch.testing.assert_close(predicted, torch.full((2,), 1 / 16))
+        fraction, noise = cs.effective_fraction(independent, n)
+        assert ((fraction - 1).abs() < 0.05).all()
+        torch.testing.assert_close(noise, (1 / (n * 16)) ** 0.5 * torch.ones(2), rtol=0.05, atol=0)
+        fraction, noise = cs.effective_fraction(constant, n)
+        torch.testing.assert_close(fraction, torch.full((2,), 1 / 16))
+        torch.testing.assert_close(noise, torch.full((2,), n**-0.5))
+
+
+def test_effective_fraction_ignores_a_fixed_pattern_across_positions():
+    # a fixed map plus small independent noise: the pooled variance is the pattern's, but the batch
+    # mean varies only with the noise, so m'_eff must stay N*H*W (fraction 1), not far above it
+    g = torch.Generator().manual_seed(1)
+    pattern = 10 * torch.randn(1, 1, 4, 4, generator=g)
+    fraction, noise = cs.effective_fraction(pattern + 0.1 * torch.randn(20_000, 1, 4, 4, generator=g), 2)
+    assert abs(fraction.item() - 1) < 0.05
+    assert noise.item() < 0.01  # tiny in units of the pooled sigma
 
 
 def test_effective_sizes_and_norm_inputs_cover_every_layer():
@@ -103,11 +114,13 @@ def test_effective_sizes_and_norm_inputs_cover_every_layer():
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(inputs[0], net[0](x))
-    sizes = cs.effective_sizes(net, x, (2, 8), draws=2000, seed=0)
+    sizes = cs.effective_sizes(net, x, (2, 8))
     assert [layer["side"] for layer in sizes] == [8, 4]
     assert sizes[1]["values", 8] == 8 * 16
     assert all(0 < layer["smallest", n] <= layer["effective", n] for layer in sizes for n in (2, 8))
-    assert all(abs(layer["agreement", n] - 1) < 0.2 for layer in sizes for n in (2, 8))
+    for layer in sizes:  # m'_eff grows like N; the noise shrinks like 1/sqrt(N)
+        assert layer["effective", 8] == pytest.approx(4 * layer["effective", 2], rel=1e-5)
+        assert layer["noise", 2] == pytest.approx(2 * layer["noise", 8], rel=1e-5)
 
 
 def test_small_cnn_kinds_share_weights_and_the_per_position_layers_fit_each_stage():
@@ -196,3 +209,14 @@ def test_recompute_statistics_gives_the_average_of_batch_statistics_for_both_kin
         var = z.var(dim=dims, correction=1).mean(0)
         torch.testing.assert_close(first.running_mean, mean)
         torch.testing.assert_close(first.running_var, var)
+
+
+def test_with_variance_floor_raises_only_small_per_position_variances():
+    net = cs.small_cnn("per position", seed=0, channels=(2,), image_size=4)
+    layer = net[1]
+    layer.running_var.copy_(torch.tensor([1e-8, 0.5]).repeat(2, 4, 2))
+    floored = cs.with_variance_floor(net, 0.1)
+    var = floored[1].running_var
+    assert var.min().item() == pytest.approx(0.1)
+    assert torch.equal(var[layer.running_var >= 0.1], layer.running_var[layer.running_var >= 0.1])
+    assert layer.running_var.min().item() < 1e-7  # the original is untouched

@@ -7,10 +7,11 @@
 - :func:`small_cnn` builds ``bnlib.lab.models.small_cnn`` with either kind of statistics from the
   same initial weights; :func:`train_cnn` trains it on :func:`half_size_digits` (the chapter's recipe)
   and :func:`recompute_statistics` replaces its running averages by population statistics.
-- :func:`effective_fraction` measures how many independent values the ``N * H * W`` values behind a
-  channel's batch mean are worth, :func:`effective_sizes` for every layer of a network;
+- :func:`effective_fraction` computes, in closed form, how many independent values the ``N * H * W``
+  values behind a channel's batch mean are worth, :func:`effective_sizes` for every layer of a network;
   :func:`norm_inputs` collects what the normalization layers see.
-- :func:`shift_images` and :func:`shifted_accuracy` evaluate on translated digits;
+- :func:`shift_images` and :func:`shifted_accuracy` evaluate on translated digits,
+  :func:`with_variance_floor` removes the amplification at positions that never vary;
   :func:`equivariance_error` compares "shift, then map" with "map, then shift".
 - :func:`with_conv_bias` and :func:`conv_bias_runs` train a network beside a copy whose
   convolutions have random biases (the bias before BN is dead weight).
@@ -44,6 +45,7 @@ __all__ = [
     "norm_inputs",
     "effective_fraction",
     "effective_sizes",
+    "with_variance_floor",
     "shift_images",
     "shifted_accuracy",
     "equivariance_error",
@@ -239,73 +241,86 @@ def norm_inputs(model: nn.Module, x: Tensor, chunk: int = 500) -> list[Tensor]:
     return [torch.cat(parts) for parts in seen]
 
 
-def effective_fraction(
-    features: Tensor, batch_size: int, draws: int, generator: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    r"""How much of the ``N * H * W`` values behind a channel's batch mean is independent information.
+def effective_fraction(features: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    r"""What a channel's batch mean over ``N * H * W`` values is worth, in closed form.
 
-    Draws ``draws`` batches of ``batch_size`` = N examples at random (with replacement) from the
-    population ``features`` and computes each channel's batch mean over its N·H·W values. Independent
-    values with the population variance :math:`\sigma_c^2` (over all P·H·W values) would give the
-    batch mean the variance :math:`\sigma_c^2 / (N H W)`; the effective number of values is
-    :math:`\sigma_c^2 / \mathrm{Var}(\text{batch mean})`, and the fraction returned is that number over
-    :math:`N H W` (1 for independent values, smaller for correlated ones).
+    The batch mean of channel c is the average of the N examples' own channel means :math:`m_i`,
+    so over batches of N independent examples its variance is :math:`\mathrm{Var}_i(m_i) / N`
+    exactly (no sampling needed). The baseline is the within-position variance
+    :math:`v_c = \mathrm{mean}_{h,w} \mathrm{Var}_i(x_{i,c,h,w})`: values independent across
+    positions and examples, with these variances, would give the batch mean the variance
+    :math:`v_c / (N H W)`. The effective number of values is
+    :math:`m'_{\text{eff}} = N v_c / \mathrm{Var}_i(m_i)`, and the fraction returned is that over
+    :math:`N H W` (1 for independent positions, smaller when positions are positively correlated,
+    :math:`1 / (H W)` for maps constant over positions; it does not depend on N). The pooled
+    variance :math:`\sigma_c^2` over all positions is not the baseline: it also contains the
+    variation of the mean map from position to position, which never enters the batch mean.
 
     Args:
         features: the population, ``(P, C, H, W)`` (e.g. from :func:`norm_inputs`).
         batch_size: examples per batch, N.
-        draws: batches drawn.
-        generator: random generator of the draws (on the CPU).
 
     Returns:
-        ``(fraction, predicted)``, both ``(C,)``: the measured fraction, and the fraction predicted from
-        the spread of the per-example channel means :math:`m_i` alone,
-        :math:`\sigma_c^2 / (H W\, \mathrm{Var}_i(m_i))` (the batch mean is the average of N
-        independent :math:`m_i`, whatever the correlations inside an example).
+        ``(fraction, noise)``, both ``(C,)``: :math:`m'_{\text{eff}} / (N H W)`, and the standard
+        deviation of the batch mean across batches in units of the pooled standard deviation
+        :math:`\sigma_c` that BN divides by, :math:`\sqrt{\mathrm{Var}_i(m_i) / N} / \sigma_c`.
     """
     features = features.double()
-    p, _, h, w = features.shape
-    per_example = features.mean(dim=(2, 3))  # (P, C): m_i
-    sigma2 = features.transpose(0, 1).reshape(features.shape[1], -1).var(dim=1, correction=0)
-    idx = torch.randint(p, (draws, batch_size), generator=generator).to(features.device)
-    batch_means = per_example[idx].mean(dim=1)  # (draws, C): the mean over the batch's N*H*W values
-    fraction = sigma2 / (batch_size * h * w * batch_means.var(dim=0))
-    predicted = sigma2 / (h * w * per_example.var(dim=0, correction=0))
-    return fraction.float().cpu(), predicted.float().cpu()
+    _, c, h, w = features.shape
+    between = features.mean(dim=(2, 3)).var(dim=0, correction=0)  # (C,): Var_i(m_i)
+    within = features.var(dim=0, correction=0).mean(dim=(1, 2))  # (C,): mean_pos Var_i
+    pooled = features.transpose(0, 1).reshape(c, -1).var(dim=1, correction=0)  # sigma_c^2
+    fraction = within / (h * w * between)
+    noise = (between / batch_size / pooled).sqrt()
+    return fraction.float().cpu(), noise.float().cpu()
 
 
-def effective_sizes(
-    model: nn.Module, x: Tensor, batch_sizes: Sequence[int], draws: int, seed: int
-) -> list[dict[str, Any]]:
-    """:func:`effective_fraction` for every normalization layer of ``model``, summarized over channels.
+def effective_sizes(model: nn.Module, x: Tensor, batch_sizes: Sequence[int]) -> list[dict[str, Any]]:
+    r""":func:`effective_fraction` for every normalization layer of ``model``, summarized over channels.
 
     Args:
         model: a network with ``bnlib.BatchNorm2d`` layers.
-        x: the population of inputs batches are drawn from.
-        batch_sizes: the batch sizes N to measure.
-        draws: batches drawn per batch size.
-        seed: seed of the draws.
+        x: the population of inputs (batches of independent examples drawn from it).
+        batch_sizes: the batch sizes N.
 
     Returns:
         One dict per layer: ``"side"`` (H = W), and per N in ``batch_sizes`` (keys ``(name, N)``):
-        ``"values"``, N·H·W; ``"effective"``, the median over channels of the effective number of
-        values; ``"smallest"``, the smallest over channels; ``"agreement"``, the median over
-        channels of measured / predicted fraction (1 when the spread of the per-example means
-        explains the noise of the batch mean).
+        ``"values"``, N·H·W; ``"effective"``, the median over channels of :math:`m'_{\text{eff}}`;
+        ``"smallest"``, the smallest over channels; ``"noise"``, the median over channels of the
+        batch mean's standard deviation in units of :math:`\sigma_c`.
     """
-    generator = torch.Generator().manual_seed(seed)
     layers = []
     for features in norm_inputs(model, x):
         h, w = features.shape[-2:]
         layer: dict[str, Any] = {"side": h}
         for n in batch_sizes:
-            fraction, predicted = effective_fraction(features, n, draws, generator)
+            fraction, noise = effective_fraction(features, n)
             layer["values", n] = n * h * w
             layer["effective", n] = fraction.median().item() * n * h * w
             layer["smallest", n] = fraction.min().item() * n * h * w
-            layer["agreement", n] = (fraction / predicted).median().item()
+            layer["noise", n] = noise.median().item()
         layers.append(layer)
     return layers
+
+
+def with_variance_floor(model: nn.Module, floor: float) -> nn.Module:
+    r"""A copy of ``model`` whose per-position running variances are raised to at least ``floor``.
+
+    A control for evaluation: positions that never vary in training (a blank border) have running
+    variances near 0, and a value moved there at test time is multiplied by about
+    :math:`1/\sqrt{\epsilon}`. The floor removes that amplification and changes nothing at positions
+    that do vary.
+
+    Args:
+        model: a network with :class:`PerPositionBatchNorm2d` layers.
+        floor: the smallest running variance kept.
+    """
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PerPositionBatchNorm2d):
+                m.running_var.clamp_(min=floor)
+    return model
 
 
 def shift_images(x: Tensor, dy: int, dx: int) -> Tensor:
