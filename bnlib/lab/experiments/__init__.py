@@ -3,6 +3,7 @@
 - :mod:`~bnlib.lab.experiments.covariate_shift`: the internal-covariate-shift chapter's runs;
 - :mod:`~bnlib.lab.experiments.conv_statistics`: per-channel vs per-position statistics in CNNs;
 - :mod:`~bnlib.lab.experiments.train_vs_inference`: PreciseBN, small normalization batches, mistakes;
+- :mod:`~bnlib.lab.experiments.benefits`: the practical benefits tested one by one;
 - :mod:`~bnlib.lab.experiments.scale_invariance`: joint scale invariance, the first step, eval mode;
 - :mod:`~bnlib.lab.experiments.small_batches`: small and non-i.i.d. batches;
 - :mod:`~bnlib.lab.experiments.recurrent`: recurrent networks with batch and layer norm;
