@@ -284,7 +284,8 @@ def effective_sizes(model: nn.Module, x: Tensor, batch_sizes: Sequence[int]) -> 
         batch_sizes: the batch sizes N.
 
     Returns:
-        One dict per layer: ``"side"`` (H = W), and per N in ``batch_sizes`` (keys ``(name, N)``):
+        A list with a dict for each layer, holding ``"side"`` (H = W) and, per N in ``batch_sizes``
+        (keys ``(name, N)``),
         ``"values"``, N·H·W; ``"effective"``, the median over channels of :math:`m'_{\text{eff}}`;
         ``"smallest"``, the smallest over channels; ``"noise"``, the median over channels of the
         batch mean's standard deviation in units of :math:`\sigma_c`.
