@@ -33,6 +33,14 @@ def _factory(device, dtype) -> dict:
     return {"device": device, "dtype": dtype}
 
 
+
+def _reset_affine_(weight: Tensor | None, bias: Tensor | None) -> None:
+    """The elementwise affine at its start: gamma = 1, beta = 0 (either may be absent)."""
+    if weight is not None:
+        nn.init.ones_(weight)
+    if bias is not None:
+        nn.init.zeros_(bias)
+
 class LayerNorm(nn.Module):
     r"""Layer normalization (Ba et al. 2016): statistics per sample over the last dimensions.
 
@@ -73,10 +81,7 @@ class LayerNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if getattr(self, "bias", None) is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine_(self.weight, getattr(self, "bias", None))
 
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
@@ -138,10 +143,7 @@ class GroupNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if getattr(self, "bias", None) is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine_(self.weight, getattr(self, "bias", None))
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() < 2 or input.shape[1] != self.num_channels:
@@ -323,10 +325,7 @@ class RMSNorm(nn.Module):
 
     def reset_parameters(self) -> None:
         """gamma = 1 and beta = 0, as at construction (as torch.nn's)."""
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if getattr(self, "bias", None) is not None:
-            nn.init.zeros_(self.bias)
+        _reset_affine_(self.weight, getattr(self, "bias", None))
 
     def forward(self, input: Tensor) -> Tensor:
         k = len(self.normalized_shape)
