@@ -136,12 +136,21 @@ def execute(path: Path, timeout: int = 600, env: dict | None = None) -> float:
     return elapsed
 
 
+#: pages that read the verdicts stored in the other chapters (bnlib.present.claims): executed last
+READS_OTHER_CHAPTERS = ("claims.ipynb",)
+
+
+def execution_order(paths: list[Path]) -> list[Path]:
+    """The notebooks in the given order, except that pages reading other chapters come last."""
+    return sorted(paths, key=lambda p: p.name in READS_OTHER_CHAPTERS)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: every notebook in book/")
     parser.add_argument("--json", type=Path, help="also write the execution records to this file")
     args = parser.parse_args(argv)
-    paths = args.notebooks or sorted(BOOK.glob("*.ipynb"))
+    paths = execution_order(args.notebooks or sorted(BOOK.glob("*.ipynb")))
     env = environment()
     records = {}
     for path in paths:
