@@ -37,6 +37,31 @@ def test_running_averages_match_ema_torch_and_the_cumulative_mean():
     torch.testing.assert_close(paths["fast"][-1], layer.running_mean)
 
 
+@pytest.mark.parametrize("momentum", [0.5, 0.1, 0.02, None])
+def test_running_mean_rms_predicts_simulated_running_means(momentum):
+    """Simulated batch means of N(3, 2^2), 4,000 features: the RMS error after each batch is
+    the prediction within 5% (a wrong bias or noise term is off by far more)."""
+    g = torch.Generator().manual_seed(0)
+    m, steps = 16, 60
+    means = [(torch.randn(m, 4000, generator=g, dtype=torch.float64) * 2 + 3).mean(0)
+             for _ in range(steps)]
+    path = tvi.running_averages(means, {"r": momentum})["r"]
+    measured = (path - 3.0).pow(2).mean(1).sqrt()
+    predicted = tvi.running_mean_rms(momentum, steps, mean=3.0, std=2.0, batch_size=m)
+    assert predicted.shape == (steps,)
+    assert ((measured / predicted - 1).abs() < 0.05).all()
+
+
+def test_running_mean_rms_limits():
+    """Momentum 1 is the last batch's noise, momentum 0 keeps the start's bias forever."""
+    last = tvi.running_mean_rms(1.0, 5, mean=3.0, std=2.0, batch_size=4)
+    assert torch.allclose(last, torch.full((5,), 1.0, dtype=torch.float64))
+    frozen = tvi.running_mean_rms(0.0, 5, mean=3.0, std=2.0, batch_size=4, start=1.0)
+    assert torch.allclose(frozen, torch.full((5,), 2.0, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        tvi.running_mean_rms(-0.1, 5, mean=0.0, std=1.0, batch_size=4)
+
+
 def test_running_averages_refuse_a_bad_momentum():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         tvi.running_averages(_values(), {"bad": 1.5})

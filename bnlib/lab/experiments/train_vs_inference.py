@@ -2,6 +2,8 @@ r"""The experiments of the chapter on training vs inference.
 
 - :func:`running_averages`: the running value after every batch, for several momenta in PyTorch's
   convention (the momentum weighs the *new* batch; ``None`` is the cumulative average).
+- :func:`running_mean_rms`: the RMS error of such a running mean after every batch, as predicted
+  for batch means of a fixed population (bias of the start value and batch noise).
 - :class:`GradModeBatchNorm`: a from-scratch BN layer that chooses between batch and population
   statistics by ``torch.is_grad_enabled()`` instead of ``self.training`` (the pattern of some
   tutorials), kept to show what goes wrong; :func:`with_grad_mode_switch` puts it into a network.
@@ -42,6 +44,7 @@ __all__ = [
     "normalization_batch_runs",
     "normalization_error",
     "running_averages",
+    "running_mean_rms",
     "with_grad_mode_switch",
 ]
 
@@ -77,6 +80,40 @@ def running_averages(
             rows.append(r)
         out[name] = torch.stack(rows)
     return out
+
+
+def running_mean_rms(
+    momentum: float | None, steps: int, mean: float, std: float, batch_size: int, start: float = 0.0
+) -> Tensor:
+    r"""The predicted RMS error of a running mean after each of ``steps`` batches (PyTorch's convention).
+
+    Batch means of ``batch_size`` independent values from a population with mean ``mean`` and
+    standard deviation ``std``, averaged by ``r <- (1 - a) r + a * batch_mean`` from ``start``:
+    after ``k`` batches the error has the bias :math:`(\text{start} - \text{mean})(1 - a)^k` and the
+    noise :math:`\frac{\text{std}}{\sqrt{m}}\sqrt{\frac{a}{2 - a}(1 - (1 - a)^{2k})}`; the RMS
+    error is the root of the sum of their squares. ``momentum=None`` (the cumulative average) has
+    no bias and the noise :math:`\text{std}/\sqrt{mk}`.
+
+    Args:
+        momentum: the weight of the new batch, in [0, 1], or None for the cumulative average.
+        steps: the number of batches.
+        mean: the population mean.
+        std: the population standard deviation.
+        batch_size: the examples per batch, ``m``.
+        start: the running value before the first batch.
+
+    Returns:
+        A float64 tensor of shape ``(steps,)``: entry k is the RMS error after batch k + 1.
+    """
+    k = torch.arange(1, steps + 1, dtype=torch.float64)
+    sampling = std / batch_size**0.5
+    if momentum is None:
+        return sampling / k.sqrt()
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+    kept = (1.0 - momentum) ** k  # the start value's weight after k batches
+    noise_var = sampling**2 * momentum / (2.0 - momentum) * (1.0 - kept**2)
+    return (noise_var + ((start - mean) * kept) ** 2).sqrt()
 
 
 class GradModeBatchNorm(nn.Module):
