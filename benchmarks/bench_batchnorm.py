@@ -2,8 +2,9 @@
 
 Run with ``make bench`` (or ``python benchmarks/bench_batchnorm.py --help``). Prints, per mode and
 shape, the median time of each implementation, its ratio to torch's native kernel measured in the
-same run, what it keeps for backward, and the memory-bandwidth bound; then the one-time compile
-cost, the speed-up of folding BN into the convolution before it, and which targets hold.
+same run, its time in units of a copy of the input, and what it keeps for backward; then the
+roofline (each kernel's time over its minimum traffic at the measured bandwidth), the one-time
+compile cost, the speed-up of folding BN into the convolution before it, and which targets hold.
 Timings depend on the machine and its load: read the ratios, not the milliseconds.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 import torch
 
-from bnlib.bench import timing
+from bnlib.bench import roofline, timing
 from bnlib.norm import compiled
 from bnlib.present.report import Table
 
@@ -37,11 +38,27 @@ def table(results: list[timing.Result], mode: str) -> Table:
         if r.mode != mode:
             continue
         saved = "" if r.saved is None else f"{r.saved[0]:.2f} / {r.saved[1]:.2f}"
-        ms, over_bound = f"{r.median_s * 1e3:.2f}", f"{r.median_s / r.bound_s:.1f}"
-        rows.append([_shape(r.shape), r.impl, ms, f"{r.ratio:.2f}", over_bound, f"{r.bandwidth / 1e9:.1f}", saved])
-    headers = ["shape", "implementation", "median ms", "x native", "x bound", "copy GB/s", "kept: all / new"]
+        ms, copies = f"{r.median_s * 1e3:.2f}", f"{r.copy_ratio:.1f}"
+        rows.append([_shape(r.shape), r.impl, ms, f"{r.ratio:.2f}", copies, f"{r.bandwidth / 1e9:.1f}", saved])
+    headers = ["shape", "implementation", "median ms", "x native", "x copy time", "copy GB/s", "kept: all / new"]
     caption = "training: forward + backward" if mode == "train" else "evaluation: forward"
     return Table(headers, rows, caption=caption)
+
+
+def roofline_table(shape: tuple[int, ...], impls: list[str], device: str, rounds: int, threads: int) -> Table:
+    """Each kernel's median time over its floor, the minimum bytes at the fastest STREAM-like rate."""
+    roof = roofline.run(shape, impls, device, rounds, 512 if device == "cpu" else 4096, threads=threads)
+    rows = [
+        [i, k, f"{roof.seconds[f'{i} {k}'] * 1e3:.2f}", f"{roof.floor_s(k) * 1e3:.2f}", f"{roof.over_floor(i, k):.1f}"]
+        for i in impls
+        for k in roofline.KERNELS
+        if f"{i} {k}" in roof.seconds
+    ]
+    caption = (
+        f"roofline at {_shape(shape)}: bandwidth {roof.bandwidth / 1e9:.1f} GB/s, matrix product "
+        f"{roof.flops_per_s / 1e9:.1f} GFLOP/s, balance {roof.balance:.2f} flops/byte"
+    )
+    return Table(["implementation", "kernel", "median ms", "floor ms", "x floor"], rows, caption=caption)
 
 
 def check_targets(results: list[timing.Result], conv_shapes) -> list[tuple[str, bool]]:
@@ -97,8 +114,10 @@ def main(argv: list[str]) -> int:
         print()
         print(table(results, "eval"))
         print("\nkept for backward: distinct tensors the autograd graph saves, in input sizes; 'new' leaves out the")
-        print("input itself. x bound: time / (bytes a step must move / copy bandwidth); copy GB/s: a plain copy of")
-        print(f"the input timed in the same rounds (training moves {timing.TRAIN_PASSES} input sizes, evaluation 2).")
+        print("input itself. x copy time: time / the time of a plain copy of the input timed in the same rounds")
+        print("(copy GB/s), a yardstick, not a bound.\n")
+        roof_impls = [i for i in ("native", "bnlib", "compiled") if i in dev_impls]
+        print(roofline_table(conv_shapes[0], roof_impls, device, rounds, args.threads))
         for groups, label in ((1, "3x3 conv"), (64, "depthwise 3x3 conv")):
             f = timing.fold_speedup(channels=64, batch=8, size=32, groups=groups, device=device, rounds=rounds)
             print(

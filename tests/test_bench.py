@@ -109,6 +109,29 @@ def test_run_reports_ratios_against_native():
     assert all((r.saved is None) == (r.mode == "eval") for r in results)
 
 
+def test_copy_ratio_is_the_time_in_copies():
+    r = timing.Result("eval", (8, 3), "native", median_s=3.0, ratio=1.0, saved=None, copy_s=2.0)
+    assert r.copy_ratio == 1.5
+    assert r.bound_s == 2.0  # eval: two transfers, one copy's time
+
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 2, 2), (2, 3, 2, 2, 2)])
+def test_two_pass_statistics_match_var_mean(shape):
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 5
+    var, mean = timing.two_pass_var_mean(x)
+    dims = [d for d in range(x.dim()) if d != 1]
+    want_var, want_mean = torch.var_mean(x, dim=dims, correction=0)
+    torch.testing.assert_close(var, want_var)
+    torch.testing.assert_close(mean, want_mean)
+
+
+def test_fold_pair_folds_bn_away():
+    pair, folded, x = timing.fold_pair(channels=4, batch=2, size=6, groups=4)
+    assert isinstance(folded, torch.nn.Conv2d) and folded.groups == 4
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), pair(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_speedup_keeps_the_output():
     f = timing.fold_speedup(channels=4, batch=2, size=6, rounds=2)
     assert f["max_diff"] < 1e-5 and f["speedup"] > 0

@@ -1,4 +1,4 @@
-"""Benchmarks of batch normalization: time, memory kept for backward, and the memory-bandwidth bound.
+"""Benchmarks of batch normalization: time, memory kept for backward, and time in units of a copy.
 
 Five implementations of the same layer, timed in the same run so that their ratios are fair:
 
@@ -19,8 +19,10 @@ arithmetic. A training step (forward and backward) must read the input at least 
 then normalize) and write the output, then read the input and the upstream gradient for the two
 per-channel sums, and read both again to write dx: at least :data:`TRAIN_PASSES` input-sized
 transfers. Evaluation reads the input once and writes the output once (:data:`EVAL_PASSES`).
-Divided by the measured copy bandwidth, that gives a lower bound on the time
-(:func:`bandwidth_bound`).
+Divided by the measured copy bandwidth, that gives an estimate of the time (:func:`bandwidth_bound`),
+not a lower bound: a copy is not the fastest way through memory, and a fused evaluation kernel can
+beat it. :mod:`bnlib.bench.roofline` measures the machine's limits properly; here each time is also
+reported in units of one copy of the input timed in the same rounds (:attr:`Result.copy_ratio`).
 
 Timings use ``torch.utils.benchmark.Timer`` and are interleaved: ``Timer.blocked_autorange`` sizes
 each implementation's timed block once, then every round times one block of each implementation in
@@ -57,11 +59,14 @@ __all__ = [
     "block_size",
     "compile_cost",
     "copy_bandwidth",
+    "fold_pair",
     "fold_speedup",
     "make_step",
     "run",
     "saved_for_backward",
+    "statistics_steps",
     "time_interleaved",
+    "two_pass_var_mean",
 ]
 
 #: the five implementations compared, by the name :func:`make_step` and :func:`run` take
@@ -93,6 +98,38 @@ def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     x_hat = (x - mean) / torch.sqrt(var + eps)
     return weight.view(shape) * x_hat + bias.view(shape)
+
+
+def two_pass_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel biased variance and mean in two passes: the mean, then the mean of the squared
+    deviations (one temporary, squared in place); the statistics bnlib's eager forward computes.
+
+    Args:
+        x: input (N, C, ...), reduced over every dimension but the channels.
+
+    Returns:
+        ``(var, mean)``, each (C,), in the order of ``torch.var_mean``.
+    """
+    dims = reduce_dims(x)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).square_().mean(dim=dims)
+    return var, mean.view(-1)
+
+
+def statistics_steps(shape: Sequence[int], device: torch.device | str = "cpu") -> dict[str, Callable[[], object]]:
+    """The per-channel statistics of one input of ``shape`` two ways, by name: ``"torch.var_mean"``
+    (one pass, Welford's update) and ``"two-pass"`` (:func:`two_pass_var_mean`), for timing side by side.
+
+    Args:
+        shape: the input shape (N, C, ...).
+        device: where the input is.
+    """
+    x = _inputs(shape, torch.device(device))[0]
+    dims = reduce_dims(x)
+    return {
+        "torch.var_mean": lambda: torch.var_mean(x, dim=dims, correction=0),
+        "two-pass": lambda: two_pass_var_mean(x),
+    }
 
 
 def _eval_from_ops(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
@@ -278,8 +315,9 @@ def copy_bandwidth(shape: Sequence[int], device: torch.device | str = "cpu", rou
 
 
 def bandwidth_bound(shape: Sequence[int], mode: str, bandwidth: float, element_size: int = 4) -> float:
-    """Lower bound in seconds: the bytes a step must move (:data:`TRAIN_PASSES` or :data:`EVAL_PASSES`
-    input-sized transfers) divided by ``bandwidth``.
+    """Seconds to move the bytes a step must move (:data:`TRAIN_PASSES` or :data:`EVAL_PASSES`
+    input-sized transfers) at ``bandwidth``: a lower bound only if ``bandwidth`` is the machine's
+    limit, which a copy's is not (:mod:`bnlib.bench.roofline` measures the limit).
 
     Args:
         shape: the input shape.
@@ -335,9 +373,15 @@ class Result:
     copy_s: float  # median time of a plain copy of the input, timed in the same rounds
 
     @property
+    def copy_ratio(self) -> float:
+        """``median_s`` in units of the same-run copy of the input: how many copies' time the step took."""
+        return self.median_s / self.copy_s
+
+    @property
     def bound_s(self) -> float:
-        """The bandwidth bound in seconds, the step's input-sized transfers at the speed of the
-        same-run copy (a copy is two transfers, a read and a write)."""
+        """The step's input-sized transfers at the speed of the same-run copy (a copy is two
+        transfers, a read and a write), in seconds: an estimate, not a bound (a fused kernel can
+        beat a copy; see :mod:`bnlib.bench.roofline`)."""
         return {"train": TRAIN_PASSES, "eval": EVAL_PASSES}[self.mode] / 2 * self.copy_s
 
     @property
@@ -356,7 +400,7 @@ def run(
 ) -> list[Result]:
     """Time every implementation on every shape and mode (interleaved); ratios against native.
 
-    A plain copy of the input is timed in the same rounds, for the bandwidth bound of each row.
+    A plain copy of the input is timed in the same rounds, the unit of each row's time in copies.
 
     Args:
         shapes: the input shapes.
@@ -397,6 +441,39 @@ def _applies(impl: str, mode: str, shape: Sequence[int], device: torch.device) -
     return device.type == "cpu" and (len(shape) in (2, 4) if mode == "train" else len(shape) == 2)
 
 
+def fold_pair(
+    channels: int = 64, batch: int = 8, size: int = 32, groups: int = 1, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, nn.Module, Tensor]:
+    """An evaluation-mode 3x3 convolution followed by BN (random running statistics, gamma, beta),
+    the same convolution with BN folded into it (:func:`bnlib.norm.fusion.fuse_conv_bn`), and an input.
+
+    Args:
+        channels: input and output channels of the convolution.
+        batch: examples per input.
+        size: height and width of the input.
+        groups: convolution groups (``channels``: a depthwise convolution).
+        device: where the modules and the input are.
+
+    Returns:
+        ``(conv_then_bn, folded, x)``.
+    """
+    from bnlib.norm.fusion import fuse_conv_bn
+
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False)
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(channels, generator=g))
+    pair = nn.Sequential(conv, bn).eval().to(device)
+    folded = fuse_conv_bn(conv, bn).eval().to(device)
+    x = torch.randn(batch, channels, size, size, generator=g).to(device)
+    return pair, folded, x
+
+
 def fold_speedup(
     channels: int = 64,
     batch: int = 8,
@@ -406,7 +483,7 @@ def fold_speedup(
     rounds: int = 10,
     threads: int = 1,
 ) -> dict[str, float]:
-    """Evaluation-mode conv followed by BN against the conv with BN folded into it (bnlib.norm.fusion).
+    """Evaluation-mode conv followed by BN against the conv with BN folded into it (:func:`fold_pair`).
 
     ``groups=channels`` gives a depthwise convolution, whose cost is of the same order as BN's pass
     over memory.
@@ -424,20 +501,7 @@ def fold_speedup(
         Median seconds of ``"conv+bn"`` and ``"folded"``, their ratio ``"speedup"``, and
         ``"max_diff"``, the largest difference of the two outputs.
     """
-    from bnlib.norm.fusion import fuse_conv_bn
-
-    g = torch.Generator().manual_seed(0)
-    conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups, bias=False)
-    bn = nn.BatchNorm2d(channels)
-    with torch.no_grad():
-        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.1)
-        bn.running_mean.copy_(torch.randn(channels, generator=g))
-        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
-        bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
-        bn.bias.copy_(torch.randn(channels, generator=g))
-    pair = nn.Sequential(conv, bn).eval().to(device)
-    folded = fuse_conv_bn(conv, bn).eval().to(device)
-    x = torch.randn(batch, channels, size, size, generator=g).to(device)
+    pair, folded, x = fold_pair(channels, batch, size, groups, device)
     with torch.no_grad():
         max_diff = (pair(x) - folded(x)).abs().max().item()
 
