@@ -26,9 +26,9 @@ mode runs a custom autograd Function, built for speed and memory:
   that times inv_std), inv_std and the weight. x_hat is never stored.
 - Eager PyTorch runs one kernel per operation and every kernel reads and writes whole tensors, so
   the code counts passes over memory. The statistics are two-pass, as above: the mean, then sums of
-  the centred input (on a CPU, torch's Welford ``var_mean`` over several dimensions took about six
-  times as long in one interleaved measurement; the benchmarks appendix times it on the machine
-  that builds the book). The output is one multiply-add of the centred input, and the backward regroups the compact
+  the centred input (on a CPU, torch's Welford ``var_mean`` over several dimensions took four to six
+  times as long in interleaved measurements; the benchmarks appendix times it on the machine that
+  builds the book). The output is one multiply-add of the centred input, and the backward regroups the compact
   formula per channel as ``dx = a * dy + b * x_hat + c``, two fused multiply-adds.
 - The centred input also carries the digits a float32 mean loses when ``|mean| >> std``: the input is
   centred on the rounded mean (exactly) and the mean of the remainder, ``d``, corrects mean and
