@@ -220,3 +220,35 @@ def test_with_variance_floor_raises_only_small_per_position_variances():
     assert var.min().item() == pytest.approx(0.1)
     assert torch.equal(var[layer.running_var >= 0.1], layer.running_var[layer.running_var >= 0.1])
     assert layer.running_var.min().item() < 1e-7  # the original is untouched
+
+
+def test_drawn_batch_statistics_are_those_batch_norm_computes_on_the_drawn_batch():
+    x = batch(40, 3, 4, 5, seed=1)
+    shift, ratio = cs.drawn_batch_statistics(x, 6, 5, torch.Generator().manual_seed(7))
+    assert shift.shape == ratio.shape == (5, 3)
+    gen = torch.Generator().manual_seed(7)  # the same draws
+    values = x.double().transpose(0, 1).reshape(3, -1)
+    mean, sigma = values.mean(1), values.var(1, correction=0).sqrt()
+    for k in range(5):
+        drawn = x.double()[torch.randperm(40, generator=gen)[:6]]
+        batch_mean = drawn.mean(dim=(0, 2, 3))
+        batch_std = drawn.var(dim=(0, 2, 3), correction=0).sqrt()
+        torch.testing.assert_close(shift[k], ((batch_mean - mean) / sigma).float())
+        torch.testing.assert_close(ratio[k], (batch_std / sigma).float())
+    with pytest.raises(ValueError, match="batch_size"):
+        cs.drawn_batch_statistics(x, 41, 1, gen)
+
+
+def test_drawn_batch_means_scatter_as_the_closed_form_predicts():
+    # per-example offsets make the channel means differ between examples
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, 2, 4, 4, generator=g) + 2 * torch.randn(2000, 2, 1, 1, generator=g)
+    for n in (2, 8):
+        shift, ratio = cs.drawn_batch_statistics(x, n, 4000, torch.Generator().manual_seed(n))
+        _, noise = cs.effective_fraction(x, n)
+        torch.testing.assert_close(shift.std(dim=0), noise, rtol=0.06, atol=0)
+        assert (shift.mean(dim=0).abs() < 3 * noise / 4000**0.5 + 1e-6).all()
+    # the whole population as one batch: its own statistics
+    everything, ratio = cs.drawn_batch_statistics(x[:50], 50, 2, g)
+    torch.testing.assert_close(everything, torch.zeros(2, 2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ratio, torch.ones(2, 2))

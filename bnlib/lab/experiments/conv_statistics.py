@@ -9,7 +9,8 @@
   and :func:`recompute_statistics` replaces its running averages by population statistics.
 - :func:`effective_fraction` computes, in closed form, how many independent values the ``N * H * W``
   values behind a channel's batch mean are worth, :func:`effective_sizes` for every layer of a network;
-  :func:`norm_inputs` collects what the normalization layers see.
+  :func:`norm_inputs` collects what the normalization layers see, and :func:`drawn_batch_statistics`
+  draws random batches from it and returns their per-channel statistics against the population's.
 - :func:`shift_images` and :func:`shifted_accuracy` evaluate on translated digits,
   :func:`with_variance_floor` removes the amplification at positions that never vary;
   :func:`equivariance_error` compares "shift, then map" with "map, then shift".
@@ -45,6 +46,7 @@ __all__ = [
     "norm_inputs",
     "effective_fraction",
     "effective_sizes",
+    "drawn_batch_statistics",
     "with_variance_floor",
     "shift_images",
     "shifted_accuracy",
@@ -302,6 +304,42 @@ def effective_sizes(model: nn.Module, x: Tensor, batch_sizes: Sequence[int]) -> 
             layer["noise", n] = noise.median().item()
         layers.append(layer)
     return layers
+
+
+def drawn_batch_statistics(
+    features: Tensor, batch_size: int, batches: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    r"""Per-channel statistics of random batches drawn from a population, against the population's.
+
+    Each batch is ``batch_size`` distinct examples of ``features``, drawn at random; its statistics
+    are those a per-channel BN layer computes in training, over the batch's ``N * H * W`` values.
+    Both are returned in units of the population's :math:`\sigma_c`, the standard deviation BN
+    divides by, so they say how far a batch's normalization is off.
+
+    Args:
+        features: the population, ``(P, C, H, W)`` (e.g. from :func:`norm_inputs`), ``P >= batch_size``.
+        batch_size: examples per batch, N.
+        batches: how many batches to draw.
+        generator: random generator of the draws.
+
+    Returns:
+        ``(mean_shift, std_ratio)``, both ``(batches, C)``: :math:`(\mu_\mathcal{B} - \mu_c)/\sigma_c`
+        and :math:`\sigma_\mathcal{B}/\sigma_c`, with :math:`\mu_c, \sigma_c^2` the mean and the
+        biased variance of channel c over the whole population (and :math:`\sigma_\mathcal{B}^2`
+        biased too, as BN computes it).
+    """
+    population, c = features.shape[0], features.shape[1]
+    if not 1 <= batch_size <= population:
+        raise ValueError(f"batch_size must be between 1 and {population}, got {batch_size}")
+    values = features.double().transpose(0, 1).reshape(c, -1)  # (C, P*H*W)
+    mean = values.mean(dim=1)
+    sigma = values.var(dim=1, correction=0).sqrt()
+    centred = features.double() - mean.view(1, c, 1, 1)  # centred first: no cancellation below
+    first, second = centred.mean(dim=(2, 3)), centred.pow(2).mean(dim=(2, 3))  # (P, C) each
+    picks = torch.stack([torch.randperm(population, generator=generator)[:batch_size] for _ in range(batches)])
+    shift = first[picks].mean(dim=1)  # (batches, C): the batch mean, minus the population's
+    variance = (second[picks].mean(dim=1) - shift**2).clamp(min=0)
+    return (shift / sigma).float().cpu(), (variance.sqrt() / sigma).float().cpu()
 
 
 def with_variance_floor(model: nn.Module, floor: float) -> nn.Module:
