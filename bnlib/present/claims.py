@@ -62,7 +62,7 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "jacobian-approximate",
-        "The Jacobian of the normalization, (1/σ)(I − 11ᵀ/m − x̂x̂ᵀ/m), is a simplified form.",
+        "The Jacobian of the normalization, (1/σ)(I − 11ᵀ/m − x̂x̂ᵀ/m), holds only approximately (≈, a simplified form).",
         "논문에서는 이를 다음과 같이 유도합니다 (단순화된 형태)",
         ("001",),
         "formulas",
