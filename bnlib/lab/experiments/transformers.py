@@ -349,9 +349,9 @@ def batch_mate_change(model: TinyTransformer, batches: list[Batch], batch_statis
         batch_statistics: normalize with batch statistics (training mode) or running averages.
 
     Returns:
-        ``max_change``: the largest absolute change of a logit of the first sequence's real tokens;
-        ``flipped``: the fraction of its (token, batch) predictions that differ from those in
-        ``batches[0]``.
+        A dict with ``max_change``, the largest absolute change of a logit of the first
+        sequence's real tokens, and ``flipped``, the fraction of its (token, batch) predictions
+        that differ from those in ``batches[0]``.
     """
     if len(batches) < 2:
         raise ValueError("need at least two batches")
@@ -371,7 +371,7 @@ def batch_mate_change(model: TinyTransformer, batches: list[Batch], batch_statis
     return {"max_change": max(changes), "flipped": sum(flips) / len(flips)}
 
 
-#: the batches the chapter evaluates on: lengths of each bucket (the training lengths are 2-16)
+#: the shortest and longest length of each kind of test batch (training uses lengths 2 to 16)
 BUCKETS = {"mixed": (2, 16), "short": (2, 5), "long": (13, 16)}
 
 
@@ -397,10 +397,10 @@ def run_seed(seed: int, steps: int = 300, sweep_lengths: tuple[int, ...] = (16, 
         sweep_lengths: the padded lengths of :func:`padding_sweep` (on the first mixed test batch).
 
     Returns:
-        ``{kind: {...}}`` for each of :data:`NORMS`: ``losses``; ``accuracy`` (running statistics)
-        and ``accuracy_batch_stats`` per bucket of :data:`BUCKETS`; ``sweep``
-        (:func:`padding_sweep`); ``mates`` and ``mates_eval`` (:func:`batch_mate_change` with
-        batch and running statistics).
+        A dict with one entry per kind in :data:`NORMS`, each a dict holding ``losses``;
+        ``accuracy`` (running statistics) and ``accuracy_batch_stats``, each per bucket of
+        :data:`BUCKETS`; ``sweep`` (:func:`padding_sweep`); ``mates`` and ``mates_eval``
+        (:func:`batch_mate_change` with batch and with running statistics).
     """
     tests = {name: evaluation_batches(lengths) for name, lengths in BUCKETS.items()}
     out = {}
