@@ -134,7 +134,43 @@ def test_fold_pair_folds_bn_away():
 
 def test_fold_speedup_keeps_the_output():
     f = timing.fold_speedup(channels=4, batch=2, size=6, rounds=2)
-    assert f["max_diff"] < 1e-5 and f["speedup"] > 0
+    assert f["max_diff"] < 1e-5 and f["max_diff_default"] < 1e-5 and f["speedup"] > 0
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_without_tf32_turns_tf32_off_and_restores_the_flags(start):
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = start
+    try:
+        with pytest.raises(RuntimeError, match="inside"), timing.without_tf32():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("inside")  # the flags come back even when the block raises
+        assert torch.backends.cudnn.allow_tf32 is start
+        assert torch.backends.cuda.matmul.allow_tf32 is start
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def test_running_statistics_checks_see_the_bookkeeping_and_leave_the_layer_alone():
+    pair, _, x = timing.fold_pair(channels=4, batch=2, size=6)
+    conv, bn = pair[0], pair[1]
+    with torch.no_grad():
+        z = conv(x)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    assert timing.running_statistics_checks(bn, z) == {
+        "stored": True, "mode matters": True, "eval uses them": True
+    }
+    assert not bn.training
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the running statistics were restored
+
+
+def test_running_statistics_checks_find_nothing_without_running_statistics():
+    bn = torch.nn.BatchNorm2d(4, track_running_stats=False)
+    assert timing.running_statistics_checks(bn, torch.randn(2, 4, 3, 3)) == {
+        "stored": False, "mode matters": False, "eval uses them": False
+    }
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_the_compulsory_traffic_is_never_more_than_the_minimum():
 
 
 def test_intensity_is_flops_per_byte_of_the_minimum_traffic():
-    assert roofline.intensity("forward") == pytest.approx(6 / 12)
+    assert roofline.intensity("forward") == pytest.approx(5 / 12)
     assert roofline.intensity("backward") == pytest.approx(7 / 20)
     assert roofline.intensity("eval") == pytest.approx(2 / 8)
     assert roofline.intensity("eval", element_size=2) == pytest.approx(2 / 4)
@@ -89,14 +89,42 @@ def test_stream_steps_move_what_they_say():
         assert (reads + writes) * 384 == nbytes, name
 
 
+def test_the_phases_add_up_to_the_passes():
+    for kernel in roofline.KERNELS:
+        assert sum(n for _, n in roofline.PHASES[kernel]) == roofline.MIN_PASSES[kernel]
+        assert sum(n for _, n in roofline.COMPULSORY_PHASES[kernel]) == roofline.COMPULSORY_PASSES[kernel]
+        for mix, _ in roofline.PHASES[kernel] + roofline.COMPULSORY_PHASES[kernel]:
+            assert mix in roofline.MIXES
+
+
+def test_the_mixes_name_stream_steps_with_that_traffic():
+    steps = roofline.stream_steps(SHAPE)
+    passes = {"read": (1, 0), "read+write": (1, 1), "2 reads+write": (2, 1)}
+    for mix, names in roofline.MIXES.items():
+        for name in names:
+            assert roofline.count_passes(steps[name][0], 96) == passes[mix], name
+
+
 def test_roofline_arithmetic():
-    seconds = {"read": 1.0, "copy": 1.0, "matmul": 2.0, "native eval": 4.0}
-    roof = roofline.Roofline((10, 10), seconds, {"read": 100, "copy": 400}, matmul_flops=1000)
-    assert roof.bandwidth == 400  # the fastest stream step
+    # 100 elements of float32: 400 bytes per input-sized pass
+    seconds = {"read": 1.0, "copy": 2.0, "scale": 4.0, "add": 3.0, "triad": 6.0, "matmul": 2.0}
+    seconds |= {"native eval": 4.0, "native forward": 10.0, "native backward": 14.0}
+    nbytes = {"read": 400, "copy": 800, "scale": 800, "add": 1200, "triad": 1200}
+    roof = roofline.Roofline((10, 10), seconds, nbytes, matmul_flops=1000)
+    assert roof.bandwidth == 400  # the fastest stream step, the read
+    assert roof.mix_bandwidth("read+write") == 400 and roof.mix_bandwidth("2 reads+write") == 400
     assert roof.flops_per_s == 500 and roof.balance == pytest.approx(1.25)
-    assert roof.floor_s("eval") == pytest.approx(2 * 400 / 400)
-    assert roof.over_floor("native", "eval") == pytest.approx(2.0)
-    assert roof.floor_s("forward", compulsory=True) == pytest.approx(2 * 400 / 400)
+    assert roof.floor_s("eval", matched=False) == pytest.approx(2 * 400 / 400)
+    assert roof.over_floor("native", "eval", matched=False) == pytest.approx(2.0)
+    assert roof.floor_s("forward", compulsory=True, matched=False) == pytest.approx(2.0)
+    # matched mixes: copy's rate for read+write phases, add's for 2 reads+write
+    roof.seconds |= {"copy": 4.0, "add": 6.0}  # now 200 B/s each, the read stays at 400
+    assert roof.floor_s("eval") == pytest.approx(2 * 400 / 200)
+    assert roof.floor_s("forward") == pytest.approx(1 * 400 / 400 + 2 * 400 / 200)
+    assert roof.floor_s("backward") == pytest.approx(2 * 400 / 400 + 3 * 400 / 200)
+    assert roof.floor_s("backward", compulsory=True) == pytest.approx(3 * 400 / 200)
+    assert roof.over_floor("native", "forward") == pytest.approx(10.0 / 5.0)
+    assert roof.over_floor("native", "backward", matched=False) == pytest.approx(14.0 / 5.0)
 
 
 def test_run_times_every_step_once_per_name():

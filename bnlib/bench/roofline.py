@@ -6,8 +6,8 @@ Per-channel work (a few numbers per channel) is negligible; what counts is the p
 of the input's size (``x``, ``y``, ``dy``, ``dx``). For tensors larger than the cache:
 
 ``forward`` (training), 3 passes
-    the statistics need all of ``x`` before the first output can be written: read ``x`` (mean and
-    variance), then read ``x`` again and write ``y``.
+    the statistics need all of ``x`` before the first output can be written: read ``x`` once for
+    the sum and the sum of squares, then read ``x`` again and write ``y``.
 ``backward``, 5 passes
     ``dx`` needs the two per-channel sums of ``dy`` and ``dy * x_hat`` over the whole batch: read
     ``x`` and ``dy``, then read both again and write ``dx``.
@@ -18,13 +18,17 @@ Even a cache holding every tensor leaves one pass per tensor a kernel reads or w
 (:data:`COMPULSORY_PASSES`), the least traffic any implementation can have.
 
 The arithmetic, per element, with the per-channel coefficients folded in (a fused multiply-add is
-2 flops): forward 6 (a sum of ``x``; a sum of squared deviations, 3; ``y = s x + t``, 2), backward
-7 (a sum of ``dy``; a sum of ``dy * x``, 2; ``dx = a dy + b x + c``, 4), eval 2.
+2 flops), the least that fits in those passes: forward 5 (in the one read for the statistics a sum
+of ``x``, 1, and a sum of ``x * x``, 2; ``y = s x + t``, 2), backward 7 (a sum of ``dy``; a sum of
+``dy * x``, 2; ``dx = a dy + b x + c``, 4), eval 2. Centred sums of squares (two-pass statistics)
+need the mean first, so a second read of ``x`` before the output's: four passes, not three.
 
 The machine's limits are measured in the same interleaved rounds as the kernels
-(:func:`run`): the bandwidth is the fastest of a few STREAM-like kernels on tensors of the same
-size (:func:`stream_steps`), the arithmetic peak a float32 matrix product (:func:`matmul_step`).
-"""
+(:func:`run`): the STREAM-like kernels on tensors of the same size (:func:`stream_steps`) and a
+float32 matrix product for the arithmetic peak (:func:`matmul_step`). Reading and writing move
+bytes at different rates, so each kernel's floor is built from its phases (:data:`PHASES`), each
+at the rate of the STREAM-like kernels with the same mix of reads and writes (:data:`MIXES`);
+the optimistic floor charges every byte at the fastest rate of all (:attr:`Roofline.bandwidth`)."""
 
 from __future__ import annotations
 
@@ -41,9 +45,12 @@ from bnlib.norm import functional as F
 
 __all__ = [
     "COMPULSORY_PASSES",
+    "COMPULSORY_PHASES",
     "FLOPS_PER_ELEMENT",
     "KERNELS",
     "MIN_PASSES",
+    "MIXES",
+    "PHASES",
     "Roofline",
     "count_passes",
     "intensity",
@@ -61,7 +68,21 @@ MIN_PASSES = {"forward": 3, "backward": 5, "eval": 2}
 #: input-sized passes with a cache that holds everything: every tensor read or written once
 COMPULSORY_PASSES = {"forward": 2, "backward": 3, "eval": 2}
 #: floating-point operations per input element (a fused multiply-add counts 2)
-FLOPS_PER_ELEMENT = {"forward": 6, "backward": 7, "eval": 2}
+FLOPS_PER_ELEMENT = {"forward": 5, "backward": 7, "eval": 2}
+#: the STREAM-like kernels (:func:`stream_steps`) of each mix of input-sized reads and writes
+MIXES = {"read": ("read",), "read+write": ("copy", "scale"), "2 reads+write": ("add", "triad")}
+#: each kernel's least traffic (:data:`MIN_PASSES`) by phase, ``(mix, passes)``, mixes of :data:`MIXES`
+PHASES = {
+    "forward": (("read", 1), ("read+write", 2)),  # statistics; normalize
+    "backward": (("read", 2), ("2 reads+write", 3)),  # two sums; dx
+    "eval": (("read+write", 2),),
+}
+#: the same for a cache holding everything (:data:`COMPULSORY_PASSES`): one phase, every tensor once
+COMPULSORY_PHASES = {
+    "forward": (("read+write", 2),),
+    "backward": (("2 reads+write", 3),),
+    "eval": (("read+write", 2),),
+}
 
 
 def _check_kernel(kernel: str) -> None:
@@ -254,7 +275,8 @@ class Roofline:
 
     @property
     def bandwidth(self) -> float:
-        """The machine's bandwidth: the fastest STREAM-like step, in bytes per second."""
+        """The fastest STREAM-like step (usually the read-only sum), in bytes per second: on a CPU
+        timed on one thread, one core's rate."""
         return max(self.bandwidths.values())
 
     @property
@@ -267,24 +289,38 @@ class Roofline:
         """The machine balance, flops per byte: below it a kernel is limited by memory traffic."""
         return self.flops_per_s / self.bandwidth
 
-    def floor_s(self, kernel: str, compulsory: bool = False) -> float:
-        """The least time of ``kernel``: its minimum bytes at the measured bandwidth.
+    def mix_bandwidth(self, mix: str) -> float:
+        """Bytes per second of the fastest STREAM-like step with the read/write ``mix``
+        (a key of :data:`MIXES`)."""
+        return max(self.bandwidths[k] for k in MIXES[mix])
+
+    def floor_s(self, kernel: str, compulsory: bool = False, matched: bool = True) -> float:
+        """The least time of ``kernel``: its least bytes at the measured bandwidth.
 
         Args:
             kernel: one of :data:`KERNELS`.
             compulsory: with :data:`COMPULSORY_PASSES` instead of :data:`MIN_PASSES`.
+            matched: each phase at the rate of the STREAM-like steps with its mix of reads and
+                writes (:data:`PHASES`); False: every byte at the fastest rate of all
+                (:attr:`bandwidth`), an optimistic floor.
         """
-        return min_bytes(kernel, self.shape, compulsory=compulsory) / self.bandwidth
+        if not matched:
+            return min_bytes(kernel, self.shape, compulsory=compulsory) / self.bandwidth
+        _check_kernel(kernel)
+        input_bytes = min_bytes("eval", self.shape) // MIN_PASSES["eval"]
+        phases = (COMPULSORY_PHASES if compulsory else PHASES)[kernel]
+        return sum(passes * input_bytes / self.mix_bandwidth(mix) for mix, passes in phases)
 
-    def over_floor(self, impl: str, kernel: str, compulsory: bool = False) -> float:
+    def over_floor(self, impl: str, kernel: str, compulsory: bool = False, matched: bool = True) -> float:
         """How many times the floor ``impl``'s ``kernel`` took: its distance from the limit.
 
         Args:
             impl: an implementation timed by :func:`run`.
             kernel: one of :data:`KERNELS`.
             compulsory: against the compulsory-traffic floor.
+            matched: against the floor of matched read/write mixes (False: the fastest rate).
         """
-        return self.seconds[f"{impl} {kernel}"] / self.floor_s(kernel, compulsory)
+        return self.seconds[f"{impl} {kernel}"] / self.floor_s(kernel, compulsory, matched)
 
 
 def run(

@@ -32,10 +32,11 @@ all implementations alike and the ratios stay meaningful.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,13 @@ __all__ = [
     "fold_pair",
     "fold_speedup",
     "make_step",
+    "running_statistics_checks",
     "run",
     "saved_for_backward",
     "statistics_steps",
     "time_interleaved",
     "two_pass_var_mean",
+    "without_tf32",
 ]
 
 #: the five implementations compared, by the name :func:`make_step` and :func:`run` take
@@ -102,7 +105,12 @@ def batch_norm_from_ops(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e
 
 def two_pass_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel biased variance and mean in two passes: the mean, then the mean of the squared
-    deviations (one temporary, squared in place); the statistics bnlib's eager forward computes.
+    deviations (one temporary, squared in place).
+
+    The same two-pass scheme as bnlib's eager forward, but not its code: that forward also corrects
+    the mean for the digits a float32 mean loses, keeps the centred input for backward and writes
+    the output (its passes are counted by :func:`bnlib.bench.roofline.count_passes`). This is the
+    statistics alone, to time against ``torch.var_mean`` (:func:`statistics_steps`).
 
     Args:
         x: input (N, C, ...), reduced over every dimension but the channels.
@@ -441,6 +449,57 @@ def _applies(impl: str, mode: str, shape: Sequence[int], device: torch.device) -
     return device.type == "cpu" and (len(shape) in (2, 4) if mode == "train" else len(shape) == 2)
 
 
+@contextlib.contextmanager
+def without_tf32() -> Iterator[None]:
+    """Run the block with TF32 off for cuDNN convolutions and CUDA matrix products, then restore
+    both flags as they were.
+
+    On Ampere and later GPUs PyTorch runs float32 convolutions in TF32 by default (10-bit
+    mantissa), which changes outputs by about 1e-3 relative: a comparison of two float32
+    computations at float32 rounding needs it off. On a CPU the flags change nothing.
+    """
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def running_statistics_checks(bn: nn.Module, x: Tensor) -> dict[str, bool]:
+    """The bookkeeping running statistics bring to inference, checked on the BN layer ``bn``
+    and an input ``x``; ``bn`` is left as it was.
+
+    Args:
+        bn: a batch-norm layer.
+        x: an input of ``bn``.
+
+    Returns:
+        ``"stored"``: its running mean and variance are in its ``state_dict`` (saved with the
+        model); ``"mode matters"``: its evaluation output differs from its training output;
+        ``"eval uses them"``: its evaluation output changes when the running mean does.
+    """
+    state = bn.state_dict()
+    stored = "running_mean" in state and "running_var" in state
+    was_training = bn.training
+    saved = {k: v.clone() for k, v in state.items()}
+    try:
+        with torch.no_grad():
+            bn.eval()
+            eval_out = bn(x)
+            bn.train()
+            train_out = bn(x)
+            bn.eval()
+            mean = getattr(bn, "running_mean", None)
+            if mean is not None:
+                mean.add_(1.0)
+            uses = mean is not None and not torch.equal(bn(x), eval_out)
+    finally:
+        bn.load_state_dict(saved)
+        bn.train(was_training)
+    return {"stored": stored, "mode matters": not torch.equal(eval_out, train_out), "eval uses them": uses}
+
+
 def fold_pair(
     channels: int = 64, batch: int = 8, size: int = 32, groups: int = 1, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, nn.Module, Tensor]:
@@ -498,12 +557,16 @@ def fold_speedup(
         threads: torch threads while timing.
 
     Returns:
-        Median seconds of ``"conv+bn"`` and ``"folded"``, their ratio ``"speedup"``, and
-        ``"max_diff"``, the largest difference of the two outputs.
+        Median seconds of ``"conv+bn"`` and ``"folded"`` (at the backend's default precision),
+        their ratio ``"speedup"``, ``"max_diff"``, the largest difference of the two outputs
+        computed in float32 (:func:`without_tf32`), and ``"max_diff_default"``, the same at the
+        default precision (TF32 convolutions on recent GPUs).
     """
     pair, folded, x = fold_pair(channels, batch, size, groups, device)
     with torch.no_grad():
-        max_diff = (pair(x) - folded(x)).abs().max().item()
+        max_diff_default = (pair(x) - folded(x)).abs().max().item()
+        with without_tf32():
+            max_diff = (pair(x) - folded(x)).abs().max().item()
 
     def no_grad(module):
         def step():
@@ -514,4 +577,10 @@ def fold_speedup(
 
     samples = time_interleaved({"conv+bn": no_grad(pair), "folded": no_grad(folded)}, rounds=rounds, threads=threads)
     t_pair, t_folded = statistics.median(samples["conv+bn"]), statistics.median(samples["folded"])
-    return {"conv+bn": t_pair, "folded": t_folded, "speedup": t_pair / t_folded, "max_diff": max_diff}
+    return {
+        "conv+bn": t_pair,
+        "folded": t_folded,
+        "speedup": t_pair / t_folded,
+        "max_diff": max_diff,
+        "max_diff_default": max_diff_default,
+    }
