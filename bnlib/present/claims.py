@@ -62,15 +62,16 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "jacobian-approximate",
-        "The Jacobian of the normalization, (1/σ)(I − 11ᵀ/m − x̂x̂ᵀ/m), holds only approximately (≈, a simplified form).",
-        "논문에서는 이를 다음과 같이 유도합니다 (단순화된 형태)",
+        "∂x̂/∂x ≈ (1/σ)(I − 11ᵀ/m − x̂x̂ᵀ/m): written with ≈, as a simplified form that holds only approximately.",
+        "논문에서는 이를 다음과 같이 유도합니다 (단순화된 형태): ∂x̂/∂x ≈ (1/σ)(I − 11ᵀ/m − x̂x̂ᵀ/m)",
         ("001",),
         "formulas",
     ),
     Claim(
         "gamma-beta-restore",
-        "γ and β let the network restore the original distribution (the identity mapping).",
-        "원래 데이터의 분포를 복원(Identity Mapping)할 수 있는 자유도를 부여",
+        "γ and β give the network the freedom to restore the original distribution when needed "
+        "(the identity mapping), so normalization costs no representational power.",
+        "필요에 따라 원래 데이터의 분포를 복원(Identity Mapping)할 수 있는 자유도를 부여 … 원래의 표현력을 유지",
         ("001", "000"),
         "formulas",
     ),
@@ -210,6 +211,11 @@ def read_verdicts(book: Path | str) -> dict[str, str]:
     found: dict[str, str] = {}
     for chapter in sorted({c.chapter for c in CLAIMS}):
         path = Path(book) / f"{chapter}.ipynb"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found: the claims page reads the executed chapters beside it "
+                "(open it in a copy of the whole book, not on its own)"
+            )
         nb = json.loads(path.read_text(encoding="utf-8"))
         for cell in nb["cells"]:
             for output in cell.get("outputs", []):
