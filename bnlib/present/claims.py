@@ -84,8 +84,8 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "reduces-ics",
-        "BN reduces internal covariate shift.",
-        "이 내부 공변량 변화를 해결하기 위한 것이 배치 정규화이다.",
+        "BN reduces internal covariate shift (002: it removes it, normalizing at every layer).",
+        "내부 공변량 변화 문제를 완화하는 데 사용된다 (003) … 매번 정규화를 하여 내부 공변량 변화를 없앤다 (002)",
         ("000", "002", "003", "004"),
         "covariate_shift",
     ),
@@ -98,9 +98,9 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "deterministic-inference",
-        "At inference BN uses running statistics, so its output is deterministic.",
+        "Training uses batch statistics and inference the running ones; only this way is the output deterministic.",
         "추론 시: 학습 중 모은 Running Mean/Variance를 사용해 정규화 … deterministic output을 보장",
-        ("000", "003"),
+        ("000",),
         "train_vs_inference",
     ),
     Claim(
@@ -133,8 +133,10 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "automatic-rate-tuning",
-        "Scale invariance acts as an automatic learning-rate tuner.",
-        "마치 적응형 학습률(Adaptive Learning Rate)처럼 작동합니다",
+        "Scale invariance acts like an adaptive learning rate: weights grown large get smaller gradients, "
+        "small weights larger ones, which speeds learning.",
+        "가중치가 너무 커져서 발산하려 하면 그라디언트를 줄여 안정을 찾고, 가중치가 작으면 그라디언트를 키워 "
+        "학습을 가속화합니다 … 적응형 학습률(Adaptive Learning Rate)처럼 작동",
         ("001",),
         "scale_invariance",
     ),
