@@ -99,7 +99,8 @@ CLAIMS: tuple[Claim, ...] = (
     Claim(
         "deterministic-inference",
         "Training uses batch statistics and inference the running ones; only this way is the output deterministic.",
-        "추론 시: 학습 중 모은 Running Mean/Variance를 사용해 정규화 … deterministic output을 보장",
+        "추론 시: 학습 중 모은 Running Mean/Variance를 사용해 정규화 … "
+        "이렇게 해야, deterministic output을 보장할 수 있음",
         ("000",),
         "train_vs_inference",
     ),
