@@ -9,6 +9,9 @@
   :mod:`~bnlib.norm.factory`: the alternatives (layer, group, instance, RMS norm, batch renorm,
   ghost batches) and the axes they normalize over;
 - :mod:`~bnlib.norm.sync`: synchronized batch norm across processes;
+- :mod:`~bnlib.norm.sequence`: batch norm of padded sequences, over the real tokens only;
+- :mod:`~bnlib.norm.normalizer_free`: training without normalization (weight standardization,
+  adaptive gradient clipping, Fixup, normalizer-free residual blocks);
 - :mod:`~bnlib.norm.fusion`: folding BN into the preceding layer for inference;
 - :mod:`~bnlib.norm.population`: running averages and recomputed population statistics;
 - :mod:`~bnlib.norm.channels`: what all of them share (shapes, precision, the running-average update).

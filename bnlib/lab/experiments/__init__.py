@@ -9,5 +9,9 @@
 - :mod:`~bnlib.lab.experiments.recurrent`: recurrent networks with batch and layer norm;
 - :mod:`~bnlib.lab.experiments.data_parallel`: data-parallel training with synchronized BN;
 - :mod:`~bnlib.lab.experiments.noisy`: noisy and lp batch norm (the smoothing chapter);
-- :mod:`~bnlib.lab.experiments.deep_linear`: deep linear networks (the smoothing chapter).
+- :mod:`~bnlib.lab.experiments.deep_linear`: deep linear networks (the smoothing chapter);
+- :mod:`~bnlib.lab.experiments.smoothing`: the smoothing chapter's landscape and curvature probes;
+- :mod:`~bnlib.lab.experiments.limitations`: the limitations chapter's ablations;
+- :mod:`~bnlib.lab.experiments.alternatives`: training without batch normalization;
+- :mod:`~bnlib.lab.experiments.transformers`: a tiny Transformer on padded sequences.
 """
