@@ -157,7 +157,8 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "small-batches-rnns",
-        "BN fails with small batches and in recurrent networks.",
+        "With small batches BN's statistics are inaccurate, and BN does not suit RNNs and other "
+        "order-sensitive models (use LayerNorm, GroupNorm or InstanceNorm instead).",
         "작은 배치 크기에서 부정확한 통계 … 순서 민감성: RNN, 시계열 등에 적합하지 않음",
         ("000",),
         "limitations",
