@@ -111,3 +111,27 @@ def test_errors():
         layer(x, one_real)
     with pytest.raises(ValueError, match=r"\(N, T, C\)"):
         real_tokens(x[0], None)
+
+
+def test_too_few_real_tokens_raise_whenever_batch_statistics_are_needed():
+    x, mask = _sequences(dtype=torch.float64)
+    all_padding = torch.ones_like(mask)
+    untracked = MaskedBatchNorm1d(4, track_running_stats=False, dtype=torch.float64).eval()
+    with pytest.raises(ValueError, match="more than 1 real token"):
+        untracked(x, all_padding)  # eval, no running statistics: would be NaN otherwise
+    tracked = MaskedBatchNorm1d(4, dtype=torch.float64).eval()
+    assert torch.isfinite(tracked(x, all_padding)).all()  # running statistics: defined
+
+
+def test_gradients_with_padding_are_batchnorm1d_gradients_on_the_real_tokens():
+    ours, ref = _pair(torch.nn.BatchNorm1d)
+    x, mask = _sequences()
+    x1, x2 = x.clone().requires_grad_(), x[~mask].clone().requires_grad_()
+    y1, y2 = ours(x1, mask), ref(x2)
+    w = torch.linspace(-1, 2, y2.numel(), dtype=x.dtype).reshape(y2.shape)
+    (y1[~mask] * w).sum().backward()
+    (y2 * w).sum().backward()
+    torch.testing.assert_close(x1.grad[~mask], x2.grad, rtol=1e-10, atol=1e-10)
+    assert (x1.grad[mask] == 0).all()  # padding gets no gradient through the statistics
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-10)

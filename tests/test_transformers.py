@@ -104,21 +104,78 @@ def test_accuracy_leaves_the_model_as_it_was():
         assert torch.equal(v, before[k]), k
 
 
-def test_padding_sweep_reports_the_padding_shift_of_the_statistics():
+def test_padding_sweep_adds_rows_of_padding_and_reports_the_shift_of_the_statistics():
     model = _model("batch")
     b = _batch()
-    sweep = tr.padding_sweep(model, b, [b.tokens.shape[1], 20, 40])
+    sweep = tr.padding_sweep(model, b, [0.0, 0.7, 0.9])
     p = sweep["padding_fraction"]
-    assert p[0] < p[1] < p[2]
+    assert p[0] == b.padding_fraction and 0.7 <= p[1] < p[2] and 0.9 <= p[2]
+    assert sweep["rows"][0] == 0 and sweep["rows"][1] < sweep["rows"][2]
     assert sweep["stat_shift"][0] < sweep["stat_shift"][2]
     assert len(sweep["normalized"]) == 3 and sweep["normalized"][0].shape == (int((~b.padding_mask).sum()), 8)
 
 
+def test_pad_rows_keeps_the_length_and_reaches_the_fraction():
+    b = _batch()
+    for fraction in (0.0, 0.6, 0.8, 0.95):
+        rows = tr.rows_for_padding(b, fraction)
+        wide = tr.pad_rows(b, rows)
+        assert wide.tokens.shape == (6 + rows, b.tokens.shape[1])
+        assert torch.equal(wide.tokens[:6], b.tokens) and wide.padding_mask[6:].all()
+        assert wide.padding_fraction >= fraction
+        if rows:  # the fewest rows: one less falls short
+            assert tr.pad_rows(b, rows - 1).padding_fraction < fraction
+    with pytest.raises(ValueError, match="rows"):
+        tr.pad_rows(b, -1)
+    with pytest.raises(ValueError, match="fraction"):
+        tr.rows_for_padding(b, 1.0)
+
+
+@pytest.mark.parametrize("kind", tr.NORMS)
+def test_rows_of_padding_only_give_finite_outputs(kind):
+    model = _model(kind).train()
+    b = _batch()
+    wide = tr.pad_rows(b, 4)
+    logits = model(wide.tokens, wide.padding_mask)
+    assert torch.isfinite(logits).all()
+    if kind != "batch":  # statistics without padding: the real tokens do not move
+        y = model(b.tokens, b.padding_mask)[~b.padding_mask]
+        torch.testing.assert_close(logits[~wide.padding_mask], y, rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_drift_measures_batch_against_running_statistics():
+    b = _batch()
+    x = torch.randn(*b.tokens.shape, 8, generator=torch.Generator().manual_seed(1)) * 2 + 3
+    for kind in ("batch", "masked_batch"):
+        norm = tr.SequenceNorm(kind, 8)
+        tokens = x.reshape(-1, 8) if kind == "batch" else x[~b.padding_mask]
+        mean_drift, std_drift = tr.statistics_drift(norm, x, b.padding_mask)  # running: 0 and 1
+        assert abs(mean_drift - tokens.mean(0).square().mean().sqrt()) < 1e-5
+        assert abs(std_drift - (tokens.std(0) - 1).square().mean().sqrt()) < 1e-5
+        with torch.no_grad():
+            norm.norm.running_mean.copy_(tokens.mean(0))
+            norm.norm.running_var.copy_(tokens.var(0))
+        assert max(tr.statistics_drift(norm, x, b.padding_mask)) < 1e-5
+    with pytest.raises(ValueError, match="running"):
+        tr.statistics_drift(tr.SequenceNorm("layer", 8), x, b.padding_mask)
+
+
 def test_training_is_a_function_of_the_seed_and_lowers_the_loss():
     kwargs = {"steps": 40, "batch_size": 16, "lengths": (2, 8), "vocab": 5, "d_model": 16, "max_length": 16}
-    m1, l1 = tr.train_transformer("layer", 3, **kwargs)
-    m2, l2 = tr.train_transformer("layer", 3, **kwargs)
-    assert l1 == l2 and not m1.training
+    m1, h1 = tr.train_transformer("layer", 3, **kwargs)
+    m2, h2 = tr.train_transformer("layer", 3, **kwargs)
+    l1 = h1["loss"]
+    assert l1 == h2["loss"] and not m1.training and len(l1) == 40
     assert sum(l1[-10:]) < sum(l1[:10])
-    _, l3 = tr.train_transformer("layer", 4, **kwargs)
-    assert l3 != l1
+    _, h3 = tr.train_transformer("layer", 4, **kwargs)
+    assert h3["loss"] != l1
+    assert all(d != d for d in h1["mean_drift"])  # NaN: layer norm has no running statistics
+    assert all(0 < p < 1 for p in h1["padding_fraction"])
+
+
+def test_training_history_logs_the_drift_of_batch_statistics():
+    kwargs = {"steps": 30, "batch_size": 16, "lengths": (2, 8), "vocab": 5, "d_model": 16, "max_length": 16}
+    model, h = tr.train_transformer("batch", 0, **kwargs)
+    assert len(h["mean_drift"]) == len(h["std_drift"]) == 30
+    assert h["mean_drift"][0] > 0.1  # running statistics start at mean 0, variance 1
+    assert all(d == d and d >= 0 for d in h["mean_drift"] + h["std_drift"])

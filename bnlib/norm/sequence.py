@@ -18,6 +18,10 @@ statistics still mix sentences and positions, and eval mode still uses running a
 
 Padding positions are normalized with the same statistics (their outputs are defined but carry
 no information; mask them downstream, as attention and the loss do).
+
+The input is channels-last, ``(N, T, C)``, unlike ``torch.nn.BatchNorm1d``'s ``(N, C, L)``. An
+``(N, C, L)`` tensor whose C happens to equal T is accepted silently and normalized over the wrong
+axis; no check can tell the two layouts apart in general, so transpose before calling.
 """
 
 from __future__ import annotations
@@ -71,8 +75,15 @@ class MaskedBatchNorm1d(NormBase):
 
     Shape:
         Input: ``(N, T, C)``, C = ``num_features``, and an optional ``padding_mask`` ``(N, T)``
-        of booleans, True at padding.
+        of booleans, True at padding. Channels come LAST, unlike ``torch.nn.BatchNorm1d``'s
+        ``(N, C, L)``: an ``(N, C, L)`` tensor with L == ``num_features`` is accepted without
+        error and normalized over the wrong axis (the layouts cannot be told apart in general).
         Output: ``(N, T, C)``, same shape as the input.
+
+    Raises:
+        ValueError: if the input is not 3-D, its last dimension is not ``num_features``, the
+            mask is not a boolean ``(N, T)`` tensor, or batch statistics are needed (training
+            mode, or eval mode without running statistics) and fewer than 2 tokens are real.
     """
 
     def __init__(
@@ -93,6 +104,10 @@ class MaskedBatchNorm1d(NormBase):
         Args:
             x: padded sequences, ``(N, T, C)``.
             padding_mask: ``(N, T)`` booleans, True at padding; None: every token is real.
+
+        Raises:
+            ValueError: on a wrong shape or mask, or when batch statistics are needed and fewer
+                than 2 tokens are real (the variance would be undefined or NaN).
         """
         real = real_tokens(x, padding_mask)  # checks the shapes
         if x.shape[-1] != self.num_features:
@@ -101,8 +116,8 @@ class MaskedBatchNorm1d(NormBase):
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             count = real.shape[0]
-            if self.training and count < 2:
-                raise ValueError(f"need more than 1 real token per channel when training, got {count}")
+            if count < 2:  # training, or eval without running statistics
+                raise ValueError(f"need more than 1 real token per channel for batch statistics, got {count}")
             real32 = in_compute_precision(real)
             mean = real32.mean(0)
             var = (real32 - mean).square().mean(0)

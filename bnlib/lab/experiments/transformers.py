@@ -20,6 +20,7 @@ running statistics on batches whose lengths differ from training (:func:`accurac
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,14 +34,18 @@ __all__ = [
     "Batch",
     "duplicate_tokens",
     "pad_to",
+    "pad_rows",
+    "rows_for_padding",
     "SequenceNorm",
     "SelfAttention",
     "TinyTransformer",
     "train_transformer",
+    "statistics_drift",
     "accuracy",
     "padding_sweep",
     "batch_mate_change",
     "BUCKETS",
+    "SWEEP_FRACTIONS",
     "evaluation_batches",
     "run_seed",
 ]
@@ -120,6 +125,41 @@ def pad_to(batch: Batch, length: int) -> Batch:
     )
 
 
+def pad_rows(batch: Batch, rows: int) -> Batch:
+    """The same sequences with ``rows`` sequences of padding only appended.
+
+    The padded length, and so the range of positions, stays the same.
+
+    Args:
+        batch: padded sequences.
+        rows: how many all-padding sequences to add (>= 0).
+    """
+    if rows < 0:
+        raise ValueError(f"rows must be >= 0, got {rows}")
+    t = batch.tokens.shape[1]
+    return Batch(
+        torch.cat([batch.tokens, batch.tokens.new_full((rows, t), PAD)]),
+        torch.cat([batch.labels, batch.labels.new_full((rows, t), -100)]),
+        torch.cat([batch.padding_mask, batch.padding_mask.new_ones((rows, t))]),
+    )
+
+
+def rows_for_padding(batch: Batch, fraction: float) -> int:
+    """The fewest all-padding rows (:func:`pad_rows`) that make ``batch`` at least ``fraction`` padding.
+
+    Args:
+        batch: padded sequences.
+        fraction: the padding fraction wanted, below 1; 0 rows if the batch already has it.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    n, t = batch.tokens.shape
+    padding = int(batch.padding_mask.sum())
+    # (padding + t k) / (t (n + k)) >= fraction  <=>  k >= (fraction t n - padding) / (t (1 - fraction))
+    need = (fraction * t * n - padding) / (t * (1 - fraction))
+    return max(0, math.ceil(need - 1e-9))
+
+
 class SequenceNorm(nn.Module):
     """One normalization of ``(N, T, C)`` token vectors, chosen by ``kind`` (see :data:`NORMS`).
 
@@ -174,7 +214,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
         n, t, d = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        keep = ~padding_mask[:, None, None, :]  # (N, 1, 1, T): which keys each query may see
+        # (N, 1, 1, T): which keys each query may see; a sequence of padding only (no real key)
+        # attends to its own padding, so that it gives numbers instead of NaN
+        keep = ~(padding_mask & ~padding_mask.all(1, keepdim=True))[:, None, None, :]
         a = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
         return self.out(a.transpose(1, 2).reshape(n, t, d))
 
@@ -240,11 +282,10 @@ def train_transformer(
     lr: float = 3e-3,
     pad_length: int | None = None,
     **model_args,
-) -> tuple[TinyTransformer, list[float]]:
+) -> tuple[TinyTransformer, dict[str, list[float]]]:
     """Train a :class:`TinyTransformer` with Adam on fresh batches of :func:`duplicate_tokens`.
 
-    The seed fixes the initialization and every batch. Returns the model (in eval mode) and the
-    loss of every step.
+    The seed fixes the initialization and every batch.
 
     Args:
         kind: the normalization, one of :data:`NORMS`.
@@ -256,23 +297,67 @@ def train_transformer(
         lr: Adam's learning rate.
         pad_length: pad every training batch to this length; None: to its longest sequence.
         **model_args: further arguments of :class:`TinyTransformer`.
+
+    Returns:
+        The model (in eval mode) and its training history, a dict of per-step lists with the
+        keys ``loss``, ``padding_fraction`` (of the batch), ``mean_drift`` and ``std_drift``
+        (:func:`statistics_drift`, averaged over the norm layers; NaN for ``"layer"``).
     """
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = TinyTransformer(kind, vocab=vocab, **model_args)
     generator = torch.Generator().manual_seed(10_000 + seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
+    history: dict[str, list[float]] = {
+        "loss": [], "padding_fraction": [], "mean_drift": [], "std_drift": []
+    }
+    drifts: list[tuple[float, float]] = []
+
+    def record(norm: nn.Module, inputs: tuple[Tensor, Tensor]) -> None:
+        if norm.kind != "layer":
+            drifts.append(statistics_drift(norm, *inputs))
+
+    hooks = [norm.register_forward_pre_hook(record) for norm in model.norms]
     model.train()
     for _ in range(steps):
         batch = duplicate_tokens(batch_size, lengths, vocab, generator, pad_length)
+        drifts.clear()
         logits = model(batch.tokens, batch.padding_mask)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    return model.eval(), losses
+        history["loss"].append(loss.item())
+        history["padding_fraction"].append(batch.padding_fraction)
+        for i, name in enumerate(("mean_drift", "std_drift")):
+            history[name].append(sum(d[i] for d in drifts) / len(drifts) if drifts else math.nan)
+    for hook in hooks:
+        hook.remove()
+    return model.eval(), history
+
+
+@torch.no_grad()
+def statistics_drift(norm: SequenceNorm, x: Tensor, padding_mask: Tensor) -> tuple[float, float]:
+    """How far this batch's statistics lie from a batch-norm layer's running ones, before its update.
+
+    The batch statistics are those the layer normalizes with: over every position for
+    ``"batch"``, over the real tokens for ``"masked_batch"``. In units of the running standard
+    deviation s per channel, returns the root-mean-square over channels of
+    ``(mean_B - running_mean) / s`` and of ``(std_B - s) / s`` (std_B with Bessel's correction, as
+    the running variance is). Shen et al. (2020) plot a distance of this kind over training.
+
+    Args:
+        norm: a :class:`SequenceNorm` of kind ``"batch"`` or ``"masked_batch"``.
+        x: its input ``(N, T, C)``.
+        padding_mask: ``(N, T)``, True at padding.
+    """
+    if norm.kind == "layer":
+        raise ValueError("layer norm keeps no running statistics")
+    tokens = x.reshape(-1, x.shape[-1]) if norm.kind == "batch" else real_tokens(x, padding_mask)
+    s = norm.norm.running_var.sqrt()
+    mean_part = (tokens.mean(0) - norm.norm.running_mean) / s
+    std_part = (tokens.std(0) - s) / s
+    return float(mean_part.square().mean().sqrt()), float(std_part.square().mean().sqrt())
 
 
 def _with_batch_statistics(model: nn.Module) -> nn.Module:
@@ -306,8 +391,11 @@ def accuracy(model: nn.Module, batches: list[Batch], batch_statistics: bool = Fa
 
 
 @torch.no_grad()
-def padding_sweep(model: TinyTransformer, batch: Batch, lengths: list[int]) -> dict[str, list]:
-    """The same sequences padded to each length: padding fraction, statistics and accuracy.
+def padding_sweep(model: TinyTransformer, batch: Batch, fractions: list[float]) -> dict[str, list]:
+    """The same sequences with more and more all-padding rows: padding fraction, statistics, accuracy.
+
+    Padding is added as whole sequences of padding (:func:`pad_rows`), so the padded length and
+    the positions stay those of the batch: no position embedding outside the trained range enters.
 
     For the first norm layer's input, ``stat_shift`` is the root-mean-square over channels of the
     difference between the mean taken over *all* positions (what naive batch norm uses) and the
@@ -319,13 +407,19 @@ def padding_sweep(model: TinyTransformer, batch: Batch, lengths: list[int]) -> d
     Args:
         model: a trained :class:`TinyTransformer`.
         batch: padded sequences.
-        lengths: the padded lengths to try (each at least the batch's).
+        fractions: the padding fractions to reach (each rounded up to whole rows; one at or
+            below the batch's own fraction adds no row).
     """
     net = _with_batch_statistics(model)
-    out: dict[str, list] = {"padding_fraction": [], "stat_shift": [], "std_ratio": [], "accuracy": [], "normalized": []}
-    for length in lengths:
-        b = pad_to(batch, length)
-        x = net.embed(b.tokens) + net.position[:length]
+    out: dict[str, list] = {
+        "padding_fraction": [], "rows": [], "stat_shift": [], "std_ratio": [], "accuracy": [],
+        "normalized": [],
+    }
+    for fraction in fractions:
+        rows = rows_for_padding(batch, fraction)
+        b = pad_rows(batch, rows)
+        out["rows"].append(rows)
+        x = net.embed(b.tokens) + net.position[: b.tokens.shape[1]]
         every, real = x.reshape(-1, x.shape[-1]), real_tokens(x, b.padding_mask)
         sd = real.std(0, unbiased=False)
         out["padding_fraction"].append(b.padding_fraction)
@@ -388,28 +482,35 @@ def evaluation_batches(lengths: tuple[int, int], count: int = 8, batch_size: int
     return [duplicate_tokens(batch_size, lengths, 16, generator) for _ in range(count)]
 
 
-def run_seed(seed: int, steps: int = 300, sweep_lengths: tuple[int, ...] = (16, 24, 32, 64, 128, 256)) -> dict:
+#: the padding fractions of the chapter's sweep (0: the probed batch as it is)
+SWEEP_FRACTIONS = (0.0, 0.43, 0.49, 0.6, 0.7, 0.8, 0.9, 0.97)
+
+
+def run_seed(seed: int, steps: int = 300, sweep_fractions: tuple[float, ...] = SWEEP_FRACTIONS) -> dict:
     """Train one model per normalization on ``seed`` and run every probe of the chapter.
 
     Args:
         seed: the training seed (initialization and batches).
         steps: training steps per model.
-        sweep_lengths: the padded lengths of :func:`padding_sweep` (on the first mixed test batch).
+        sweep_fractions: the padding fractions of :func:`padding_sweep`, run on the mixed test
+            batch with the least padding.
 
     Returns:
-        A dict with one entry per kind in :data:`NORMS`, each a dict holding ``losses``;
+        A dict with one entry per kind in :data:`NORMS`, each a dict holding ``history``
+        (:func:`train_transformer`);
         ``accuracy`` (running statistics) and ``accuracy_batch_stats``, each per bucket of
         :data:`BUCKETS`; ``sweep`` (:func:`padding_sweep`); ``mates`` and ``mates_eval``
         (:func:`batch_mate_change` with batch and with running statistics).
     """
     tests = {name: evaluation_batches(lengths) for name, lengths in BUCKETS.items()}
+    probed = min(tests["mixed"], key=lambda b: b.padding_fraction)
     out = {}
     for kind in NORMS:
-        model, losses = train_transformer(kind, seed, steps=steps)
-        r = {"losses": losses}
+        model, history = train_transformer(kind, seed, steps=steps)
+        r = {"history": history}
         r["accuracy"] = {k: accuracy(model, b) for k, b in tests.items()}
         r["accuracy_batch_stats"] = {k: accuracy(model, b, batch_statistics=True) for k, b in tests.items()}
-        r["sweep"] = padding_sweep(model, tests["mixed"][0], list(sweep_lengths))
+        r["sweep"] = padding_sweep(model, probed, list(sweep_fractions))
         r["mates"] = batch_mate_change(model, tests["mixed"])
         r["mates_eval"] = batch_mate_change(model, tests["mixed"], batch_statistics=False)
         out[kind] = r
