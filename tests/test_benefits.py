@@ -189,3 +189,32 @@ def test_batch_statistics_noise_follows_one_over_root_b_for_independent_examples
     np.testing.assert_allclose(var_noise, [math.sqrt(2 * (b - 1)) / b for b in (4, 16, 64)], rtol=0.1)
     with pytest.raises(ValueError):
         benefits.batch_statistics_noise(z, [1], draws=10, generator=g)
+
+
+def test_first_update_matches_one_sgd_step_and_the_recorded_effective_rate():
+    net = relu_net(2, bnlib.BatchNorm1d)
+    x, y = batch()
+    relative, kept = benefits.first_update(net, x, y, lr=2.0)
+    torch.testing.assert_close(relative, benefits.relative_first_step(net, x, y, lr=2.0))
+    # the same step taken by SGD, the effective rate recorded before and after it
+    hist = training.train(net, x, y, batches=[torch.arange(len(x))], lr=2.0, record_at=[0, 1],
+                          recorders=[benefits.effective_lr_recorder(at=[0, 1])])  # fmt: skip
+    before, after = hist.records["effective_lr"]
+    np.testing.assert_allclose(kept.numpy(), after / before, rtol=1e-5)
+    assert (kept < 1).all()  # the step lengthens the invariant rows: the rate falls
+    with pytest.raises(ValueError):
+        benefits.first_update(relu_net(2), x, y, lr=1.0)  # no scale-invariant weight
+
+
+def test_steps_to_and_trains_read_the_validation_accuracy_not_the_test_accuracy():
+    val = [[[0.1, 0.5, 0.6], [0.1, 0.7, 0.2]], [[0.1, 0.4, 0.9], [0.1, 0.3, 0.4]]]
+    test = [[[0.9, 0.9, 0.9], [0.9, 0.9, 0.9]], [[0.9, 0.9, 0.9], [0.9, 0.9, 0.9]]]
+    sweep = fake_sweep(val, test)
+    np.testing.assert_array_equal(benefits.steps_to(sweep, 0.55), [[20.0, 10.0], [20.0, np.nan]])
+    np.testing.assert_array_equal(benefits.trains(sweep, 0.5), [[True, True], [True, False]])
+    np.testing.assert_array_equal(benefits.largest_trained(sweep, 0.5), [1.0, 0.1])
+    sweep.train_loss[0, 1, -1] = np.nan  # a diverged run does not train, whatever its accuracy
+    assert not benefits.trains(sweep, 0.5)[0, 1]
+    assert np.isnan(benefits.largest_trained(sweep, 0.95)).all()
+    with pytest.raises(KeyError):
+        benefits.steps_to(sweep, 0.5, key="missing_accuracy")

@@ -9,7 +9,10 @@ r"""Measurements behind the chapter on what batch normalization buys in practice
   weights during training, :func:`relative_first_step` the size of the first update of each layer,
   :func:`first_nonfinite` when a loss overflows.
 - Model selection: :func:`select_by_validation` picks, per seed, the learning rate and checkpoint
-  with the best validation accuracy and reports the test accuracy there.
+  with the best validation accuracy and reports the test accuracy there; :func:`steps_to` and
+  :func:`trains` (with :func:`largest_trained`) measure speed and success on the validation
+  accuracy too, so that the test set only reports results. :func:`first_update` gives the size of
+  one SGD step and what it leaves of the effective learning rate, on one batch.
 - Overtraining: :func:`with_dropout` adds dropout to a network, :func:`logit_metrics` records
   accuracy, loss and the size of the logits in one pass, :func:`overfit_run` trains a network on a
   small set and records both, and :func:`batch_statistics_noise` measures how much the batch mean
@@ -40,8 +43,12 @@ __all__ = [
     "effective_lr_recorder",
     "relative_first_step",
     "first_nonfinite",
+    "first_update",
     "Choice",
     "select_by_validation",
+    "steps_to",
+    "trains",
+    "largest_trained",
     "with_dropout",
     "logit_metrics",
     "overfit_run",
@@ -199,6 +206,43 @@ def first_nonfinite(losses: Sequence[float] | np.ndarray) -> int:
     return int(np.argmax(bad)) + 1
 
 
+def first_update(model: nn.Module, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+    r"""One plain SGD step on ``(x, y)``: its size per Linear layer, and what it leaves of the effective rate.
+
+    Both come from the same gradient (training mode, on the one batch), so they describe the same
+    step; nothing is updated. The first is :math:`\eta\|g\|/\|W\|` for every Linear layer's
+    weight (as :func:`relative_first_step`); the second, for every scale-invariant weight
+    (:func:`bnlib.lab.invariance.invariant_weights`), the median over rows of
+    :math:`\eta/\|w_i - \eta g_i\|^2` divided by the median of :math:`\eta/\|w_i\|^2`, the
+    quantity :func:`effective_lr_recorder` records.
+
+    Args:
+        model: the network.
+        x: inputs of the batch.
+        y: its targets.
+        lr: the learning rate :math:`\eta`.
+
+    Returns:
+        ``(relative_step, kept)``: one value per Linear layer, and one per scale-invariant weight,
+        both in forward order.
+    """
+    linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    invariant = [w for _, w in invariant_weights(model)]
+    if not linears or not invariant:
+        raise ValueError("the model needs Linear layers and at least one scale-invariant weight")
+    with preserved(model, train=True):
+        dev = device_of(model)
+        loss = F.cross_entropy(model(x.to(dev)), y.to(dev))
+    grads = dict(zip(map(id, linears), torch.autograd.grad(loss, linears)))
+    relative = torch.stack([lr * grads[id(w)].norm() / w.detach().norm() for w in linears])
+    kept = []
+    for w in invariant:
+        w0 = w.detach()
+        after = effective_lr(lr, w0 - lr * grads[id(w)]).median()
+        kept.append(after / effective_lr(lr, w0).median())
+    return relative.detach(), torch.stack(kept).detach()
+
+
 @dataclass(frozen=True)
 class Choice:
     """Per seed, the setting and checkpoint :func:`select_by_validation` chose, and what they give.
@@ -243,6 +287,56 @@ def select_by_validation(sweep: Sweep, key: str = "val_accuracy", values: Sequen
         value=Spread.of(sweep.values[np.asarray(cols)[v_idx]], sweep.seeds),
         step=Spread.of(np.asarray(sweep.steps)[r_idx], sweep.seeds),
     )
+
+
+def _records(sweep: Sweep, key: str) -> np.ndarray:
+    """``key`` of every run at every recorded step, shape (seeds, values, records)."""
+    out = np.array([[h[key] for h in row] for row in sweep.histories], dtype=float)
+    if out.shape != sweep.accuracy.shape:
+        raise ValueError(f"{key!r} must be recorded at every recorded step of the sweep")
+    return out
+
+
+def steps_to(sweep: Sweep, target: float, key: str = "val_accuracy") -> np.ndarray:
+    """First recorded step at which ``key`` reaches ``target``, shape (seeds, values); NaN if never.
+
+    :meth:`bnlib.lab.sweeps.Sweep.steps_to` does this on the test accuracy; here it is the
+    validation accuracy (or any quantity recorded under ``key`` at every recorded step).
+
+    Args:
+        sweep: a sweep whose runs recorded ``key``.
+        target: the value to reach.
+        key: the name of the recorded quantity.
+    """
+    reached = _records(sweep, key) >= target
+    first = np.asarray(sweep.steps, dtype=float)[np.argmax(reached, axis=-1)]
+    first[~reached.any(axis=-1)] = np.nan
+    return first
+
+
+def trains(sweep: Sweep, threshold: float = 0.5, key: str = "val_accuracy") -> np.ndarray:
+    """Whether each run *trains*: a finite final training loss and ``key`` >= ``threshold`` at some
+    recorded step, shape (seeds, values).
+
+    Args:
+        sweep: a sweep whose runs recorded ``key``.
+        threshold: the validation accuracy a run must reach.
+        key: the name of the recorded validation accuracy.
+    """
+    finite = np.isfinite(sweep.train_loss[..., -1])
+    return finite & (_records(sweep, key).max(axis=-1) >= threshold)
+
+
+def largest_trained(sweep: Sweep, threshold: float = 0.5, key: str = "val_accuracy") -> np.ndarray:
+    """Per seed, the largest swept value whose run :func:`trains` (NaN if none), shape (seeds,).
+
+    Args:
+        sweep: a sweep whose runs recorded ``key``.
+        threshold: as in :func:`trains`.
+        key: as in :func:`trains`.
+    """
+    ok = trains(sweep, threshold, key)
+    return np.array([sweep.values[row].max() if row.any() else np.nan for row in ok])
 
 
 def with_dropout(net: nn.Sequential, p: float) -> nn.Sequential:
