@@ -127,7 +127,7 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "gradient-flow",
-        "BN prevents vanishing and exploding gradients.",
+        "BN mitigates (001: prevents) vanishing and exploding gradients.",
         "기울기 소실/폭주 문제를 완화하여 더 깊은 네트워크를 훈련할 수 있게",
         ("000", "001", "004"),
         "benefits",
@@ -150,7 +150,8 @@ CLAIMS: tuple[Claim, ...] = (
     ),
     Claim(
         "global-minimum",
-        "The smoother landscape lets training converge quickly to the global minimum.",
+        "The smoother landscape lets training use large learning rates without diverging and converge "
+        "quickly to the global minimum.",
         "발산하지 않고 최적해(Global Minima)로 빠르게 수렴하게 만듭니다",
         ("001",),
         "smoothing",
