@@ -61,11 +61,11 @@ __all__ = [
     "stream_steps",
 ]
 
-#: the kernels of a BN layer: the training forward and backward, and the evaluation forward
+#: the kernels of a BN layer (the training forward and backward, and the evaluation forward)
 KERNELS = ("forward", "backward", "eval")
 #: input-sized passes a kernel must make when the tensors do not fit in a cache
 MIN_PASSES = {"forward": 3, "backward": 5, "eval": 2}
-#: input-sized passes with a cache that holds everything: every tensor read or written once
+#: input-sized passes with a cache that holds everything (every tensor read or written once)
 COMPULSORY_PASSES = {"forward": 2, "backward": 3, "eval": 2}
 #: floating-point operations per input element (a fused multiply-add counts 2)
 FLOPS_PER_ELEMENT = {"forward": 5, "backward": 7, "eval": 2}
@@ -275,18 +275,18 @@ class Roofline:
 
     @property
     def bandwidth(self) -> float:
-        """The fastest STREAM-like step (usually the read-only sum), in bytes per second: on a CPU
+        """The fastest STREAM-like step in bytes per second (usually the read-only sum); on a CPU
         timed on one thread, one core's rate."""
         return max(self.bandwidths.values())
 
     @property
     def flops_per_s(self) -> float:
-        """The measured arithmetic peak: the matrix product's flops per second."""
+        """The measured arithmetic peak, the matrix product's flops per second."""
         return self.matmul_flops / self.seconds["matmul"]
 
     @property
     def balance(self) -> float:
-        """The machine balance, flops per byte: below it a kernel is limited by memory traffic."""
+        """The machine balance in flops per byte; below it a kernel is limited by memory traffic."""
         return self.flops_per_s / self.bandwidth
 
     def mix_bandwidth(self, mix: str) -> float:

@@ -52,6 +52,7 @@ class Claim:
     chapter: str
 
 
+#: every claim of the sources that a chapter decides, in the order of the claims page
 CLAIMS: tuple[Claim, ...] = (
     Claim(
         "unit-range",

@@ -482,7 +482,7 @@ def evaluation_batches(lengths: tuple[int, int], count: int = 8, batch_size: int
     return [duplicate_tokens(batch_size, lengths, 16, generator) for _ in range(count)]
 
 
-#: the padding fractions of the chapter's sweep (0: the probed batch as it is)
+#: the padding fractions of the chapter's sweep (0 means the probed batch as it is)
 SWEEP_FRACTIONS = (0.0, 0.43, 0.49, 0.6, 0.7, 0.8, 0.9, 0.97)
 
 
