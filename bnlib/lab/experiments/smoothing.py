@@ -45,7 +45,8 @@ __all__ = [
     "lp_to_std",
 ]
 
-LP_NORMS = {"l1": 1.0, "l2": 2.0, "linf": math.inf}  # kind -> p of LpBatchNorm
+#: the lp batch norms the chapter compares, kind -> p of LpBatchNorm
+LP_NORMS = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 
 
 def smoothing_mlp(
