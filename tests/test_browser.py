@@ -379,6 +379,21 @@ def test_widget_sliders_scrub_offline(visit, path):
     assert not v.errors and not v.foreign and not v.failed, v.errors + v.foreign + v.failed
 
 
+def test_every_chapter_page_has_an_explorer_that_the_slider_test_moves():
+    """Each chapter outside the appendices carries a stored widget, so the slider test above visits it."""
+    if not PAGES:
+        pytest.fail("no built site in _build/html: run `make book` first (`make test` does)")
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    chapters = [
+        f"{c['file']}.html"
+        for part in toc["parts"]
+        if part.get("caption") != "Appendices"
+        for c in part["chapters"]
+        if c["file"] != "book/claims"
+    ]
+    assert chapters and not set(chapters) - set(WIDGET_PAGES), sorted(set(chapters) - set(WIDGET_PAGES))
+
+
 def test_every_page_was_checked_and_photographed():
     """The suite covers the whole site (chapters included as they land) and leaves a screenshot of each."""
     if not PAGES:

@@ -394,13 +394,17 @@ def test_execution_records_feed_the_status_page(tmp_path):
 # exercises
 
 
+#: pages listed among the chapters that are not chapters themselves
+NOT_CHAPTERS = {"book/claims"}
+
+
 def _chapters_outside_the_appendices():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     found = []
     for part in toc.get("parts", []):
         if part.get("caption") != "Appendices":
             found += [c["file"] for c in part.get("chapters", []) if (ROOT / f"{c['file']}.ipynb").exists()]
-    return found
+    return [f for f in found if f not in NOT_CHAPTERS]
 
 
 def test_every_chapter_ends_with_exercises_and_folded_solutions():
@@ -536,3 +540,54 @@ def test_no_built_page_shows_the_setup_cell():
         pytest.skip("no built site")
     shown = [p.name for p in (SITE / "book").glob("*.html") if "find_spec" in p.read_text(encoding="utf-8")]
     assert not shown, f"the set-up cell is on {shown}"
+
+
+# --------------------------------------------------------------------------------------------------
+# every chapter has an explorer and ends with what to remember
+
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+@pytest.mark.parametrize("chapter", _chapters_outside_the_appendices())
+def test_every_chapter_has_an_explorer_stored_with_its_frames(chapter):
+    """A slider over pre-rendered frames (bnlib.present.widgets.frame_slider), stored with the page so
+    that it scrubs on the static site; the browser suite moves it."""
+    nb = json.loads((ROOT / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+    explorers = [
+        c
+        for c in nb["cells"]
+        if c["cell_type"] == "code"
+        and "frame_slider(" in "".join(c["source"])
+        and any(WIDGET_VIEW_MIME in o.get("data", {}) for o in c.get("outputs", []))
+    ]
+    assert explorers, f"{chapter}: no explorer (a frame_slider with a stored widget view)"
+    state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    images = [m for m in state.get("state", {}).values() if m.get("model_name") == "ImageModel"]
+    assert len(images) >= 2, f"{chapter}: the explorer's frames are not stored with the notebook"
+
+
+@pytest.mark.parametrize("chapter", _chapters_outside_the_appendices())
+def test_every_chapter_ends_with_what_to_remember_in_glued_numbers(chapter):
+    nb = json.loads((ROOT / f"{chapter}.ipynb").read_text(encoding="utf-8"))
+    markdown = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"]
+    boxes = [i for i, text in enumerate(markdown) if re.search(r"\{admonition\} What to remember", text)]
+    assert len(boxes) == 1, f"{chapter}: {len(boxes)} 'What to remember' boxes, want one"
+    box = markdown[boxes[0]].split("{admonition} What to remember", 1)[1].split("\n```", 1)[0]
+    bullets = [line for line in box.splitlines() if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 6, f"{chapter}: the box has {len(bullets)} bullets, want 3 to 6"
+    assert "{glue:text}" in box, f"{chapter}: no glued number in the box"
+    exercises = [i for i, text in enumerate(markdown) if "{exercise}" in text]
+    assert not exercises or boxes[0] < exercises[0], f"{chapter}: the box comes after the exercises"
+
+
+@pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "book").glob("*.ipynb")))
+def test_no_code_line_shown_on_a_page_is_wider_than_the_column(notebook):
+    """Code shown on a page (not removed) fits the text column: 88 characters, as ruff formats it."""
+    wide = [
+        f"cell {index}: {len(line)} characters: {line.strip()[:60]}"
+        for index, source, tags in _code_cells(ROOT / "book" / notebook)
+        if not {"remove-input", "remove-cell"} & set(tags)
+        for line in source.splitlines()
+        if len(line) > 88
+    ]
+    assert not wide, f"{notebook}:\n  " + "\n  ".join(wide)

@@ -247,12 +247,12 @@ def verdict_table(book: Path | str) -> str:
     """
     verdicts = read_verdicts(book)
     rows = [
-        "| claim | source's words | sources | verdict | shown in |",
+        "| claim | source's words | sources | verdict | decided in |",
         "|---|---|---|---|---|",
     ]
     for c in CLAIMS:
         rows.append(
             f"| {c.claim} | {c.korean} | {', '.join(c.sources)} | **{verdicts[c.key]}** "
-            f"| {{ref}}`{c.chapter} <{claim_label(c.key)}>` |"
+            f"| {{ref}}`{claim_label(c.key)}` |"
         )
     return "\n".join(rows)
