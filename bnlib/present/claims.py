@@ -153,7 +153,7 @@ CLAIMS: tuple[Claim, ...] = (
         "global-minimum",
         "The smoother landscape lets training use large learning rates without diverging and converge "
         "quickly to the global minimum.",
-        "발산하지 않고 최적해(Global Minima)로 빠르게 수렴하게 만듭니다",
+        "더 큰 학습률(High Learning Rate)을 사용해도 발산하지 않고 최적해(Global Minima)로 빠르게 수렴하게 만듭니다",
         ("001",),
         "smoothing",
     ),
