@@ -70,6 +70,7 @@ def test_summaries_of_recordings():
     p[0] = [[-1, -2], [0, 0], [1, 2]]  # (q, unit) at the first step
     p[-1] = [[-3, -2], [1, -1], [3, 2]]
     np.testing.assert_allclose(cs.band_growth(p), [3.0, 1.0])
+    np.testing.assert_allclose(cs.band_widening(p), [4.0, 0.0])  # 6 - 2, 4 - 4
     assert cs.median_move(p) == 1.0
     stds = np.ones((2, 2, 3))
     stds[1, 0] = [2, 4, 8]

@@ -6,7 +6,7 @@
   batch normalization before the sigmoid (their placement) or after it, and with their small
   Gaussian weights or a Glorot initialization scaled for the sigmoid; :func:`mnist_run` trains one
   and records what the chapter reads, per hidden layer: the sigmoid inputs, the inputs of the BN
-  layers, and BN's learned scale and shift. :func:`band_growth`, :func:`median_move`,
+  layers, and BN's learned scale and shift. :func:`band_growth`, :func:`band_widening`, :func:`median_move`,
   :func:`std_growth` and :func:`mean_drift` summarize the recordings.
 - ReLU dead and linear units: :func:`relu_units_run`, :func:`dead_rows_gradient`.
 - Ordinary covariate shift: :func:`affine_shift_study` evaluates a trained BN network on affinely
@@ -39,6 +39,7 @@ __all__ = [
     "sigmoid_mlp",
     "mnist_run",
     "band_growth",
+    "band_widening",
     "median_move",
     "std_growth",
     "mean_drift",
@@ -287,6 +288,17 @@ def band_growth(percentiles: np.ndarray) -> np.ndarray:
     """
     p = np.asarray(percentiles)
     return (p[-1, 2] - p[-1, 0]) / (p[0, 2] - p[0, 0])
+
+
+def band_widening(percentiles: np.ndarray) -> np.ndarray:
+    """Per unit: how much the 15-85 percentile spread widens from the first to the last recorded
+    step, in the input's own units (the last spread minus the first; no yardstick).
+
+    Args:
+        percentiles: (recorded step, q, unit) with q = 15th, 50th, 85th percentile.
+    """
+    p = np.asarray(percentiles)
+    return (p[-1, 2] - p[-1, 0]) - (p[0, 2] - p[0, 0])
 
 
 def median_move(percentiles: np.ndarray) -> float:
