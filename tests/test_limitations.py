@@ -8,6 +8,7 @@ from bnlib import norm
 from bnlib.lab.data import Split
 from bnlib.lab.experiments import limitations, recurrent, small_batches
 from bnlib.lab.measure import snapshot
+from bnlib.lab.models import mlp
 
 torch.set_num_threads(1)
 
@@ -61,13 +62,38 @@ def test_detached_renorm_gradient_is_the_scaled_upstream_gradient():
     assert grads["det"].sum(0).abs().max() > 0.1
 
 
-def test_batch_mean_gradient_separates_the_two_layers():
-    ref, det = _renorm_pair()
-    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 1.0
+def _one_class_net(layer, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net = mlp([6, 5, 3], "relu", layer, generator=g).double()
+    x = torch.randn(32, 6, generator=g, dtype=torch.float64) + 1.0
+    return net, x, torch.full((32,), 1)
+
+
+def test_batch_mean_gradient_on_a_one_class_batch():
+    """BN's backward removes the batch mean (0); constant statistics pass a large share on,
+    far above the ~1/sqrt(32) of unrelated per-example gradients."""
+    kw = {"rmax": 3.0, "dmax": 5.0, "momentum": 0.1}
+    ref, x, y = _one_class_net(lambda c: norm.BatchRenorm(c, **kw))
+    det, _, _ = _one_class_net(lambda c: limitations.DetachedRenorm(c, **kw))
     before = snapshot(ref, parameters=False)
-    assert limitations.batch_mean_gradient(ref, x) < 1e-12
-    assert limitations.batch_mean_gradient(det, x) > 0.05
+    assert limitations.batch_mean_gradient(ref, x, y) < 1e-12
+    assert limitations.batch_mean_gradient(det, x, y) > 0.5
     assert all(torch.equal(a, b) for a, b in zip(before.values(), snapshot(ref, parameters=False).values()))
+    mixed = torch.arange(32) % 3  # three classes: the per-example gradients disagree more
+    assert limitations.batch_mean_gradient(det, x, mixed) < limitations.batch_mean_gradient(det, x, y)
+
+
+def test_batch_statistics_error_shrinks_as_one_over_sqrt_n():
+    x = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    for n in (2, 8, 32):
+        mean_err, var_err = limitations.batch_statistics_error(x, n)
+        assert mean_err == pytest.approx((2 / (torch.pi * n)) ** 0.5, rel=0.05)
+        assert var_err > limitations.batch_statistics_error(x, 2 * n)[1]
+    assert limitations.batch_statistics_error(x[:4], 4) == pytest.approx((0.0, 0.0), abs=1e-12)  # the population
+    with pytest.raises(ValueError):
+        limitations.batch_statistics_error(x, 1)
+    with pytest.raises(ValueError):
+        limitations.batch_statistics_error(x[:, 0], 2)
 
 
 def test_ghost_batch_error_normalizes_each_group_by_itself():

@@ -10,7 +10,9 @@ r"""The limitations chapter's own probes, beside :mod:`~bnlib.lab.experiments.sm
   :class:`~bnlib.norm.renorm.BatchRenorm` computes in the forward pass but passes no gradient
   through the batch mean and variance, so the direction shared by the whole batch (on one-class
   batches, the class mean) is no longer projected out of the gradient; :func:`batch_mean_gradient`
-  measures that direction's gradient.
+  measures that direction's share of the cross-entropy gradient.
+- :func:`batch_statistics_error`: how far the mean and variance of ghost batches of ``n`` examples
+  sit from the population's, the accuracy of batch statistics as ``n`` shrinks.
 - :func:`rnn_states` and :func:`readout_error`: a shared-statistics
   :class:`~bnlib.lab.experiments.recurrent.NormRNN` unrolled by hand, with batch statistics for
   its first steps and running statistics after them, to find which steps its evaluation-mode
@@ -38,6 +40,7 @@ from bnlib.norm.taxonomy import mean_var
 __all__ = [
     "DetachedRenorm",
     "batch_mean_gradient",
+    "batch_statistics_error",
     "ghost_batch_error",
     "normalized_values",
     "readout_error",
@@ -116,26 +119,73 @@ class DetachedRenorm(BatchRenorm):
         return to_input_precision(affine(x_hat.reshape(input.shape), self.weight, self.bias), input)
 
 
-def batch_mean_gradient(layer: nn.Module, x: Tensor, seed: int = 0) -> float:
-    """How much of the input gradient lies along the batch-mean direction, relative to its size:
-    ``|sum_i dL/dx_i| / sum_i |dL/dx_i|`` (norms per channel, summed), for a random output gradient
-    through ``layer`` in training mode (its buffers restored afterwards).
+def batch_mean_gradient(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """How much of the cross-entropy gradient at the first normalization layer's input lies along
+    the batch-mean direction, relative to its size: ``|sum_i g_i| / sum_i |g_i|`` (norms per
+    example, the numerator's over the channels), for the loss of ``model`` on the batch ``(x, y)``
+    in training mode (buffers restored afterwards).
 
-    Batch normalization's backward pass removes the mean of the gradient over the batch, so the
-    ratio is 0 up to rounding: no update can move the whole batch (on a one-class batch, the class)
-    together. A layer with constant statistics passes that direction on.
+    On a one-class batch the per-example gradients largely agree, so a layer with constant
+    statistics passes on a large share along that direction (the one that moves the whole class).
+    Batch normalization's backward pass removes the gradient's mean over the batch, so its share is
+    0 up to rounding whatever the loss.
 
     Args:
-        layer: a normalization layer.
-        x: a batch (N, C).
-        seed: seed of the random output gradient.
+        model: an MLP from :func:`bnlib.lab.models.mlp`: a ``Linear`` first, then the
+            normalization layer.
+        x: a batch of inputs (N, D).
+        y: its class indices (N,).
     """
-    x = x.detach().clone().requires_grad_(True)
-    with preserved(layer, train=True):
-        out = layer(x)
-    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
-    (grad,) = torch.autograd.grad(out, x, upstream.to(out.device))
+    first, captured = next(iter(model)), []
+
+    def keep(module: nn.Module, inputs: tuple, out: Tensor) -> None:
+        captured.append(out)
+
+    hook = first.register_forward_hook(keep)
+    try:
+        with torch.enable_grad(), preserved(model, train=True):
+            loss = nn.functional.cross_entropy(model(x), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, captured[0])
+    finally:
+        hook.remove()
     return float(grad.sum(0).norm() / grad.norm(dim=1).sum())
+
+
+@torch.no_grad()
+def batch_statistics_error(activations: Tensor, ghost_size: int, seed: int = 0) -> tuple[float, float]:
+    """How far the statistics of ghost batches of ``ghost_size`` examples sit from the population's.
+
+    The rows of ``activations`` (a normalization layer's input over a data set, the population)
+    are put in a random order and split into consecutive groups of ``ghost_size`` (the last
+    ``N % ghost_size`` rows are left out). For every group and channel, the batch mean's distance
+    from the population mean in population standard deviations, ``|mu_B - mu| / sigma``, and the
+    batch variance's relative error, ``|sigma_B^2 / sigma^2 - 1|`` (biased variances, as batch
+    normalization uses in training), each averaged over the groups and channels. For Gaussian
+    features the first is about ``sqrt(2 / (pi n))``.
+
+    Args:
+        activations: values (N, C), N at least ``ghost_size``.
+        ghost_size: examples per group, at least 2.
+        seed: seed of the random order.
+
+    Returns:
+        ``(mean error, variance error)``.
+
+    Raises:
+        ValueError: ``ghost_size`` below 2 or above N, or ``activations`` not 2-D.
+    """
+    if activations.dim() != 2:
+        raise ValueError(f"expected activations of shape (N, C), got {tuple(activations.shape)}")
+    n = activations.shape[0]
+    if not 2 <= ghost_size <= n:
+        raise ValueError(f"ghost_size must lie in [2, {n}], got {ghost_size}")
+    x = activations.double()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+    groups = x[order[: n - n % ghost_size]].reshape(-1, ghost_size, x.shape[1])
+    mean, var = x.mean(0), x.var(0, unbiased=False)
+    mean_err = ((groups.mean(1) - mean).abs() / var.sqrt()).mean()
+    var_err = (groups.var(1, unbiased=False) / var - 1).abs().mean()
+    return float(mean_err), float(var_err)
 
 
 def run_mlp(
