@@ -58,7 +58,7 @@ def draw_statistics_cube(ax: Axes, mask: np.ndarray, color: str, dx: float = 0.5
     C runs to the right, S = H * W up and N into the page; the visible faces are the first
     example (front), the last position (top) and the last channel (right). Cells where the mask
     is True are filled with ``color``, the others light grey. Used for the picture of which values
-    share one mean and variance (:func:`bnlib.norm.shares_statistics`).
+    share one mean and variance (:func:`~bnlib.norm.taxonomy.shares_statistics`).
 
     Args:
         ax: the axes to draw on (its limits, aspect and axis labels are set).
