@@ -218,3 +218,41 @@ def test_steps_to_and_trains_read_the_validation_accuracy_not_the_test_accuracy(
     assert np.isnan(benefits.largest_trained(sweep, 0.95)).all()
     with pytest.raises(KeyError):
         benefits.steps_to(sweep, 0.5, key="missing_accuracy")
+
+
+def test_scale_weights_makes_a_plain_relu_gradient_explode_and_leaves_bn_growth_unchanged():
+    # ReLU is positively homogeneous: weights c times He make the plain gradient grow about c per
+    # layer; BN's hidden weights are scale-invariant, so its factor hardly moves. A scale_weights_
+    # that missed layers, or touched the biases, would break the first or the last check.
+    x, y = batch(n=512)
+
+    def scaled(norm, factor):
+        return lambda depth, seed: benefits.scale_weights_(relu_net(depth, norm, seed, width=64), factor)
+
+    growth = benefits.gradient_growth(scaled(None, 2.0), [6], x, y, seeds=[0, 1])[6]
+    assert all(1.7 < v < 2.3 for v in growth), growth
+    bn_growth = {
+        c: benefits.gradient_growth(scaled(bnlib.BatchNorm1d, c), [6], x, y, seeds=[0, 1])[6] for c in (1.0, 2.0)
+    }
+    # only the (not scale-invariant) output layer's larger logits move it, by under 2%
+    np.testing.assert_allclose(list(bn_growth[2.0]), list(bn_growth[1.0]), rtol=0.02)
+    net = relu_net(2, None)
+    biases = [m.bias.clone() for m in net if isinstance(m, nn.Linear)]
+    benefits.scale_weights_(net, 3.0)
+    for b, m in zip(biases, [m for m in net if isinstance(m, nn.Linear)]):
+        torch.testing.assert_close(m.bias, b)
+    with pytest.raises(ValueError):
+        benefits.scale_weights_(net, 0.0)
+
+
+def test_finite_population_factor_matches_sampling_without_replacement():
+    # the std of a batch mean drawn without replacement from N values, against the factor
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 400, generator=g)
+    mean_noise, _ = benefits.batch_statistics_noise(z, [100], draws=400, generator=g)
+    expected = benefits.finite_population_factor(200, 100) / math.sqrt(100)
+    assert benefits.finite_population_factor(200, 100) < 0.72  # far from 1: the test can fail
+    assert abs(mean_noise[0] / expected - 1) < 0.05, (mean_noise, expected)
+    assert benefits.finite_population_factor(500, 1) == 1.0
+    with pytest.raises(ValueError):
+        benefits.finite_population_factor(10, 11)

@@ -3,7 +3,8 @@ r"""Measurements behind the chapter on what batch normalization buys in practice
 - Gradient flow: :func:`hidden_grad_norms` gives the norm of the loss gradient with respect to each
   hidden layer's output (all of one width, so the norms compare fairly), :func:`growth_per_layer`
   the factor by which it grows per layer towards the input, and :func:`gradient_growth` that factor
-  at initialization for several depths and seeds (BN's gradient explosion, Yang et al. 2019).
+  at initialization for several depths and seeds (BN's gradient explosion, Yang et al. 2019);
+  :func:`scale_weights_` over-scales an initialization, to give a plain network an explosion.
   :func:`sigmoid_slopes` says whether sigmoid units sit in their linear middle or saturate.
 - Learning rate: :func:`effective_lr_recorder` records :math:`\eta/\|w\|^2` of the scale-invariant
   weights during training, :func:`relative_first_step` the size of the first update of each layer,
@@ -16,7 +17,9 @@ r"""Measurements behind the chapter on what batch normalization buys in practice
 - Overtraining: :func:`with_dropout` adds dropout to a network, :func:`logit_metrics` records
   accuracy, loss and the size of the logits in one pass, :func:`overfit_run` trains a network on a
   small set and records both, and :func:`batch_statistics_noise` measures how much the batch mean
-  and variance of a layer's input move from batch to batch, for several batch sizes.
+  and variance of a layer's input move from batch to batch, for several batch sizes;
+  :func:`finite_population_factor` corrects :math:`1/\sqrt{B}` for batches drawn without
+  replacement from a finite set.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "hidden_grad_norms",
     "growth_per_layer",
     "gradient_growth",
+    "scale_weights_",
     "sigmoid_slopes",
     "effective_lr_recorder",
     "relative_first_step",
@@ -53,6 +57,7 @@ __all__ = [
     "logit_metrics",
     "overfit_run",
     "batch_statistics_noise",
+    "finite_population_factor",
 ]
 
 
@@ -124,6 +129,25 @@ def gradient_growth(
         lambda seed: {d: growth_per_layer(hidden_grad_norms(build(d, seed), x, y)) for d in depths}, seeds
     )
     return {d: runs.spread(lambda r, d=d: r[d]) for d in depths}
+
+
+def scale_weights_(model: nn.Module, factor: float) -> nn.Module:
+    """Multiply every Linear/Conv weight of ``model`` by ``factor`` in place; returns the model.
+
+    Applied after He initialization with ``factor`` > 1 it gives the badly scaled initialization
+    under which a plain ReLU network's gradient grows by about ``factor`` per layer.
+
+    Args:
+        model: the model whose Linear and Conv1d/2d/3d weights are scaled (biases are not).
+        factor: the factor (positive).
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                layer.weight.mul_(factor)
+    return model
 
 
 def sigmoid_slopes(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -461,3 +485,16 @@ def batch_statistics_noise(
         mean_noise.append(float((batches.mean(dim=1).std(dim=0) / std).median()))
         var_noise.append(float((batches.var(dim=1, unbiased=False).std(dim=0) / var).median()))
     return np.array(mean_noise), np.array(var_noise)
+
+
+def finite_population_factor(population: int, batch_size: int) -> float:
+    r"""The factor :math:`\sqrt{(N - B)/(N - 1)}` by which sampling without replacement shrinks
+    the standard deviation of a batch mean below :math:`\sigma/\sqrt{B}`.
+
+    Args:
+        population: N, the number of examples the batches are drawn from.
+        batch_size: B, examples per batch (1 to N).
+    """
+    if not 1 <= batch_size <= population:
+        raise ValueError(f"need 1 <= batch_size <= population, got {batch_size} and {population}")
+    return float(np.sqrt((population - batch_size) / max(population - 1, 1)))
