@@ -249,8 +249,13 @@ def _notebook_pngs(path: Path):
     for index, cell in enumerate(nb["cells"]):
         for output in cell.get("outputs", []) if cell["cell_type"] == "code" else []:
             data = output.get("data", {})
-            if "image/png" in data:
-                yield index, base64.b64decode(data["image/png"])
+            for mime in ("image/png", "application/papermill.record/image/png"):  # shown or glued
+                if mime in data:
+                    yield index, base64.b64decode(data[mime])
+
+
+#: widest figure, in inches: the text column's 6.5 in plus what a tight bounding box adds
+MAX_FIGURE_INCHES = 7.0
 
 
 @pytest.mark.parametrize("notebook", sorted(p.name for p in (ROOT / "book").glob("*.ipynb")))
@@ -266,6 +271,8 @@ def test_figures_follow_the_book_style(notebook):
         dpi = image.info.get("dpi", (0, 0))[0]
         if round(dpi) != BOOK_DPI:
             problems.append(f"{where}: {dpi:.0f} dpi, not the book's {BOOK_DPI} (bnlib.present.plots.use_book_style())")
+        elif image.width / dpi > MAX_FIGURE_INCHES:  # drawn wider than the column, its labels shrink on the page
+            problems.append(f"{where}: {image.width / dpi:.1f} in wide (the column takes 6.5 in)")
         rgba = image.convert("RGBA")
         w, h = rgba.size
         corners = [rgba.getpixel(p) for p in ((0, 0), (w - 1, 0), (0, h - 1), (w - 1, h - 1))]

@@ -57,6 +57,8 @@ def test_stack_pngs_puts_frames_one_above_the_other():
     stacked = Image.open(BytesIO(widgets.stack_pngs([frame(4, 2, "red"), frame(3, 5, "blue"), _png()])))
     last = Image.open(BytesIO(_png()))
     assert stacked.size == (max(4, last.width), 2 + 5 + last.height)
+    shown = Image.open(BytesIO(widgets.stack_pngs([_png(), _png()])))
+    assert round(shown.info["dpi"][0]) == round(last.info["dpi"][0]), "the frames' resolution is kept"
     pixels = stacked.convert("RGB")
     assert pixels.getpixel((0, 0)) == (255, 0, 0) and pixels.getpixel((0, 2)) == (0, 0, 255)
     assert pixels.getpixel((3, 2)) == (255, 255, 255)  # the narrower second frame is padded with white

@@ -63,8 +63,8 @@ def frame_slider(frames: Sequence[bytes], labels: Sequence[str], description: st
 def stack_pngs(frames: Sequence[bytes]) -> bytes:
     """PNG frames (e.g. those of :func:`frame_slider`) one above the other, as one PNG.
 
-    Frames narrower than the widest are padded on the right with white. Returns PNG bytes, for
-    ``IPython.display.Image(data=...)``.
+    Frames narrower than the widest are padded on the right with white; the result keeps the first
+    frame's resolution (dpi). Returns PNG bytes, for ``IPython.display.Image(data=...)``.
 
     Args:
         frames: at least one PNG image.
@@ -81,7 +81,8 @@ def stack_pngs(frames: Sequence[bytes]) -> bytes:
         out.paste(im, (0, top))
         top += im.height
     buf = io.BytesIO()
-    out.save(buf, format="png")
+    dpi = images[0].info.get("dpi")  # keep the frames' resolution, so the page sizes it alike
+    out.save(buf, format="png", **({"dpi": dpi} if dpi else {}))
     return buf.getvalue()
 
 
