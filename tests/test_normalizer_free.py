@@ -183,3 +183,23 @@ def test_fixup_rejects_bad_branches_and_scalars_start_neutral():
         fixup_init_([[nn.Linear(2, 2), nn.ReLU()]])
     x = torch.randn(3, 4)
     assert torch.equal(ScalarScale()(ScalarBias()(x)), x)
+
+
+def test_learnable_gain_scales_each_unit_and_starts_at_one():
+    torch.manual_seed(2)
+    layer = WSLinear(12, 5, gain=RELU_GAIN, learnable_gain=True).double()
+    assert torch.equal(layer.channel_gain.detach(), torch.ones(5, dtype=torch.float64))
+    plain = standardize_weight(layer.weight, layer.eps, RELU_GAIN)
+    assert torch.equal(layer.standardized_weight(), plain)  # gain 1: the plain scaled form
+    with torch.no_grad():
+        layer.channel_gain.copy_(torch.arange(1.0, 6.0))
+    expected = plain * torch.arange(1.0, 6.0, dtype=torch.float64)[:, None]
+    assert torch.allclose(layer.standardized_weight(), expected, rtol=1e-12)
+    layer(torch.randn(3, 12, dtype=torch.float64)).sum().backward()
+    assert layer.channel_gain.grad is not None and layer.channel_gain.grad.abs().sum() > 0
+    conv = WSConv2d(3, 4, 3, learnable_gain=True).double()
+    with torch.no_grad():
+        conv.channel_gain.fill_(2.0)
+    ref = 2.0 * standardize_weight(conv.weight, conv.eps)
+    assert torch.allclose(conv.standardized_weight(), ref, rtol=1e-12)
+    assert WSLinear(4, 2).channel_gain is None

@@ -7,7 +7,8 @@ blocks, adaptive gradient clipping and Fixup.
   ``scaled=True`` the *scaled* weight standardization of normalizer-free networks (Brock, De &
   Smith 2021), :math:`\hat W_i = \gamma\, (W_i - \mathrm{mean}(W_i)) / (\sqrt{\mathrm{Var}(W_i)
   + \epsilon}\, \sqrt{N})` with N the fan-in and :math:`\gamma` the gain of the activation in front
-  (:data:`RELU_GAIN` for ReLU), which keeps the variance of a layer's output at 1.
+  (:data:`RELU_GAIN` for ReLU), which keeps the variance of a layer's output at 1; with
+  ``learnable_gain=True`` each unit also gets a learned gain (starting at 1), as in NF-ResNets.
 - :class:`NFResidual`, :func:`nf_betas`: the normalizer-free residual block
   :math:`x_{l+1} = x_l + \alpha f(x_l / \beta_l)` with :math:`\beta_l` the expected standard
   deviation of :math:`x_l`: at initialization the variance of the residual stream grows as
@@ -78,6 +79,13 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5, gain: float | None = N
     return out
 
 
+def _times_channel_gain(weight: Tensor, channel_gain: Tensor | None) -> Tensor:
+    """``weight`` with each output unit (``weight[i]``) multiplied by ``channel_gain[i]``."""
+    if channel_gain is None:
+        return weight
+    return weight * channel_gain.reshape((-1,) + (1,) * (weight.dim() - 1))
+
+
 class WSLinear(nn.Linear):
     r"""A Linear layer whose weight is standardized per output unit at every call,
     :math:`y = x \hat W^\top + b` with :math:`\hat W` from :func:`standardize_weight`.
@@ -89,22 +97,33 @@ class WSLinear(nn.Linear):
         eps: added to each unit's weight variance. Default: 1e-5.
         gain: None: weight standardization (unit variance per unit); a number: scaled weight
             standardization with that gain (e.g. :data:`RELU_GAIN` after a ReLU, 1 after nothing).
+        learnable_gain: also multiply each standardized row by a learned gain ``channel_gain``
+            (one per output unit, starting at 1), as the scaled weight standardization of NF-ResNets
+            and NFNets does. Default: False.
 
     Shape:
         Input: ``(*, in_features)``. Output: ``(*, out_features)``.
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, eps: float = 1e-5, gain: float | None = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        eps: float = 1e-5,
+        gain: float | None = None,
+        learnable_gain: bool = False,
     ) -> None:
         if in_features < 2:
             raise ValueError(f"weight standardization needs at least 2 inputs per unit, got {in_features}")
         super().__init__(in_features, out_features, bias)
         self.eps, self.gain = eps, gain
+        self.channel_gain = nn.Parameter(torch.ones(out_features)) if learnable_gain else None
 
     def standardized_weight(self) -> Tensor:
-        """The weight the layer applies (:func:`standardize_weight` of ``self.weight``)."""
-        return standardize_weight(self.weight, self.eps, self.gain)
+        """The weight the layer applies: :func:`standardize_weight` of ``self.weight``, each row
+        times its ``channel_gain`` if the layer has one."""
+        return _times_channel_gain(standardize_weight(self.weight, self.eps, self.gain), self.channel_gain)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.standardized_weight(), self.bias)
@@ -129,6 +148,8 @@ class WSConv2d(nn.Conv2d):
         padding_mode: ``"zeros"``, ``"reflect"``, ``"replicate"`` or ``"circular"``.
         eps: added to each output channel's weight variance. Default: 1e-5.
         gain: None: weight standardization; a number: scaled weight standardization with that gain.
+        learnable_gain: also multiply each standardized output channel by a learned gain
+            ``channel_gain`` (starting at 1), as NF-ResNets and NFNets do. Default: False.
 
     Shape:
         Input: ``(N, C_in, H, W)``. Output: ``(N, C_out, H_out, W_out)``, as ``torch.nn.Conv2d``.
@@ -147,15 +168,18 @@ class WSConv2d(nn.Conv2d):
         padding_mode: str = "zeros",
         eps: float = 1e-5,
         gain: float | None = None,
+        learnable_gain: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode)
         if self.weight[0].numel() < 2:
             raise ValueError("weight standardization needs at least 2 weights per output channel")
         self.eps, self.gain = eps, gain
+        self.channel_gain = nn.Parameter(torch.ones(out_channels)) if learnable_gain else None
 
     def standardized_weight(self) -> Tensor:
-        """The weight the layer applies (:func:`standardize_weight` of ``self.weight``)."""
-        return standardize_weight(self.weight, self.eps, self.gain)
+        """The weight the layer applies: :func:`standardize_weight` of ``self.weight``, each output
+        channel times its ``channel_gain`` if the layer has one."""
+        return _times_channel_gain(standardize_weight(self.weight, self.eps, self.gain), self.channel_gain)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
@@ -167,7 +191,8 @@ class WSConv2d(nn.Conv2d):
 def nf_betas(num_blocks: int, alpha: float) -> list[float]:
     r"""The expected standard deviations :math:`\beta_l = \sqrt{1 + l\alpha^2}`, l = 0 ..
     ``num_blocks - 1``, of the residual stream entering each block of a normalizer-free stage whose
-    input has unit variance (Brock, De & Smith 2021).
+    input has unit variance (Brock, De & Smith 2021). The input must have unit variance for the
+    betas to be right: scale the stem accordingly.
 
     Args:
         num_blocks: blocks in the stage (at least 1).

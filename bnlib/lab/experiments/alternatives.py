@@ -9,6 +9,7 @@ schemes for residual networks:
   residual blocks of two Linear layers each, a classifier; :data:`METHODS` names its variants
   (batch / ghost-batch / group normalization, weight standardization with group normalization,
   normalizer-free, Fixup, and none);
+- :func:`unit_variance_stem_` scales a normalizer-free network's stem to unit output variance;
 - :func:`fit` trains it with the recipe, optionally with adaptive gradient clipping, and
   :func:`run` returns the test error and the model;
 - :func:`stream_variances` measures the variance of the residual stream block by block (a
@@ -39,7 +40,20 @@ from bnlib.norm.normalizer_free import (
     nf_betas,
 )
 
-__all__ = ["METHODS", "Residual", "ResidualMLP", "residual_mlp", "fit", "run", "stream_variances"]
+__all__ = [
+    "METHODS",
+    "STEM_PROBE",
+    "Residual",
+    "ResidualMLP",
+    "residual_mlp",
+    "unit_variance_stem_",
+    "fit",
+    "run",
+    "stream_variances",
+]
+
+#: training inputs on which :func:`run` scales a normalizer-free stem to unit output variance
+STEM_PROBE = 1000
 
 #: the variants of :func:`residual_mlp`, by name, with what each puts in the residual branches
 METHODS: dict[str, str] = {
@@ -105,7 +119,8 @@ class ResidualMLP(nn.Module):
 def _branch(method: str, width: int, norm_layer) -> list[nn.Module]:
     """The layers of one pre-activation branch: [norm, ReLU, Linear] twice (Fixup: scalar biases)."""
     if method == "nf":
-        return [nn.ReLU(), WSLinear(width, width, gain=RELU_GAIN), nn.ReLU(), WSLinear(width, width, gain=RELU_GAIN)]
+        ws = [WSLinear(width, width, gain=RELU_GAIN, learnable_gain=True) for _ in range(2)]
+        return [nn.ReLU(), ws[0], nn.ReLU(), ws[1]]
     if method == "fixup":
         layers: list[nn.Module] = []
         for _ in range(2):
@@ -135,8 +150,10 @@ def residual_mlp(
     ``[norm] -> ReLU -> Linear(width, classes)``. "batch", "ghost", "group" and "ws_group" keep
     torch's default initialization; "none" uses He initialization (variance-preserving for a plain
     ReLU network); "nf" uses :class:`~bnlib.norm.normalizer_free.NFResidual` blocks with betas from
-    :func:`~bnlib.norm.normalizer_free.nf_betas` and scaled weight-standardized layers (the stem
-    with gain 1); "fixup" applies :func:`~bnlib.norm.normalizer_free.fixup_init_`.
+    :func:`~bnlib.norm.normalizer_free.nf_betas` and scaled weight-standardized layers with a
+    learned gain per unit (starting at 1) and zero-initialized biases (the stem with gain 1 and no
+    learned gain: :func:`unit_variance_stem_` rescales it on data); "fixup" applies
+    :func:`~bnlib.norm.normalizer_free.fixup_init_`.
 
     Args:
         method: a key of :data:`METHODS`.
@@ -181,6 +198,10 @@ def _initialize(model: ResidualMLP, method: str, generator: torch.Generator | No
                 _default_init(layer, generator)
     if method == "none":
         he_init_(model, generator)
+    if method == "nf":  # zero biases, as in NF-ResNets: the branches start bias-free
+        for layer in [model.stem, *(m for b in model.blocks for m in b.branch)]:
+            if isinstance(layer, WSLinear):
+                nn.init.zeros_(layer.bias)
     if method == "fixup":
         branches = [[m for m in block.branch if isinstance(m, nn.Linear)] for block in model.blocks]
         fixup_init_(branches, model.head[-1], generator)
@@ -193,6 +214,30 @@ def _default_init(layer: nn.Linear, generator: torch.Generator) -> None:
     if layer.bias is not None:
         bound = 1 / layer.in_features**0.5
         nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+@torch.no_grad()
+def unit_variance_stem_(model: ResidualMLP, x: Tensor) -> float:
+    """Rescale a normalizer-free network's stem (scaled weight standardization, fixed gain) so that
+    its output has unit average variance on ``x``: the betas of
+    :func:`~bnlib.norm.normalizer_free.nf_betas` assume a unit-variance stream entering the first
+    block. A data-dependent initialization; the stem's output is linear in its gain.
+
+    Args:
+        model: a "nf" :class:`ResidualMLP`.
+        x: a batch of training inputs (at least two examples).
+
+    Returns:
+        The stem's average output variance on ``x`` before rescaling.
+    """
+    stem = model.stem
+    if not isinstance(stem, WSLinear) or stem.gain is None:
+        raise ValueError("the stem must be a scaled weight-standardized layer (a 'nf' network)")
+    if len(x) < 2:
+        raise ValueError("need at least two examples to measure a variance")
+    before = float(stem(x).double().var(dim=0, correction=0).mean())
+    stem.gain = stem.gain / before**0.5
+    return before
 
 
 def fit(
@@ -265,6 +310,9 @@ def run(
         clipping: AGC's lambda (None: none).
         **model_kwargs: further arguments of :func:`residual_mlp`.
 
+    A normalizer-free network's stem is rescaled to unit output variance on the first
+    :data:`STEM_PROBE` training inputs (:func:`unit_variance_stem_`).
+
     Returns:
         A dict with the test error ``err`` (1 if training diverged), ``final_loss`` (the mean
         training loss over the last 10% of steps, nan if it diverged), ``clipped`` (the fraction
@@ -272,6 +320,8 @@ def run(
     """
     model = residual_mlp(method, generator=torch.Generator().manual_seed(seed), **model_kwargs)
     model = model.to(data.x_train.device)
+    if method == "nf":
+        unit_variance_stem_(model, data.x_train[:STEM_PROBE])
     g = torch.Generator().manual_seed(seed + 1)
     batches = list(index_batches(len(data.x_train), batch_size, g, epochs=epochs, device=data.x_train.device))
     losses, clipped = fit(model, data.x_train, data.y_train, batches, lr, clipping)
