@@ -162,3 +162,13 @@ def test_norm_rnn_with_torch_layer_norm_computes_the_same():
     assert isinstance(theirs.norms[0], torch.nn.LayerNorm)
     x = torch.randn(6, 4, 5, dtype=torch.float64)
     torch.testing.assert_close(theirs(x), ours(x))
+
+
+def test_as_batch_norm_keeps_the_layers_precision_and_device():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), norm.GhostBatchNorm(4, ghost_size=2)).double()
+    converted = small_batches.as_batch_norm(model)
+    bn = converted[1]
+    assert bn.weight.dtype == bn.running_mean.dtype == torch.float64
+    assert bn.running_mean.device == model[1].running_mean.device
+    x = torch.randn(8, 3, dtype=torch.float64)
+    assert torch.equal(converted.eval()(x), model.eval()(x))

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["launch", "run_several"]
+__all__ = ["default_start_method", "launch", "run_several"]
 
 
 def _worker(rank: int, world_size: int, store: str, fn: Callable, args: tuple, results, timeout_s: float) -> None:
@@ -34,6 +34,18 @@ def _worker(rank: int, world_size: int, store: str, fn: Callable, args: tuple, r
     finally:
         dist.destroy_process_group()
     results.put((rank, pickle.dumps(result)))  # bytes: tensors copied, not shared with a dying process
+
+
+def default_start_method() -> str:
+    """How :func:`launch` starts its processes unless told: "fork" on Linux while this process has
+    not used CUDA, else "spawn".
+
+    Forking is unsafe on macOS, and after CUDA work (autograd's device threads, the CUDA context)
+    a forked child fails at its first backward pass.
+    """
+    if sys.platform.startswith("linux") and not torch.cuda.is_initialized():
+        return "fork"
+    return "spawn"
 
 
 def launch(
@@ -51,8 +63,9 @@ def launch(
         world_size: the number of processes.
         args: further arguments of ``fn`` (picklable).
         timeout_s: give up (RuntimeError) when the processes have not finished by then.
-        start_method: "fork" by default on Linux (children start in about a second, sharing what
-            the parent has imported); elsewhere "spawn", which starts fresh interpreters.
+        start_method: by default :func:`default_start_method`: "fork" on Linux (children start in
+            about a second, sharing what the parent has imported) unless CUDA is in use, else
+            "spawn", which starts fresh interpreters.
 
     Raises:
         RuntimeError: a process failed (its traceback is in the message) or ran out of time.
@@ -60,7 +73,7 @@ def launch(
     if world_size < 1:
         raise ValueError(f"world_size must be positive, got {world_size}")
     if start_method is None:
-        start_method = "fork" if sys.platform.startswith("linux") else "spawn"  # fork is unsafe on macOS
+        start_method = default_start_method()
     if start_method == "fork":  # the first optimizer imports torch._dynamo (seconds): do it once, here
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     results = mp.get_context(start_method).SimpleQueue()

@@ -107,7 +107,8 @@ def run(
 def as_batch_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every :class:`bnlib.norm.renorm.BatchRenorm` (and so every
     :class:`~bnlib.norm.renorm.GhostBatchNorm`) is replaced by a bnlib batch-norm layer with the same
-    parameters and running statistics: evaluation is unchanged, and
+    parameters and running statistics, on the same device and in the same precision: evaluation
+    is unchanged, and
     :func:`bnlib.norm.population.recompute_statistics` recognizes the new layers.
 
     Args:
@@ -118,6 +119,9 @@ def as_batch_norm(model: nn.Module) -> nn.Module:
     def convert(module: nn.Module) -> nn.Module:
         if isinstance(module, norm.BatchRenorm):
             bn = BatchNormBase(module.num_features, module.eps, module.momentum, module.affine)
+            like = next(iter(module.state_dict().values()), None)  # on the layer's device and dtype
+            if like is not None:
+                bn.to(device=like.device, dtype=like.dtype if like.is_floating_point() else None)
             bn.load_state_dict(module.state_dict())
             return bn.train(module.training)
         for name, child in module.named_children():
