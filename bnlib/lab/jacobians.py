@@ -305,7 +305,8 @@ def batch_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | None
         h: the batch.
         dtype: compute in this dtype (None: ``h``'s).
     """
-    return torch.linalg.svdvals(batch_jacobian(piece, h, dtype))
+    # on the CPU: the same LAPACK result on every device (cuSOLVER may fall back, with a warning)
+    return torch.linalg.svdvals(batch_jacobian(piece, h, dtype).cpu())
 
 
 def example_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | None = torch.float64) -> Tensor:
@@ -320,7 +321,7 @@ def example_singular_values(piece: nn.Module, h: Tensor, dtype: torch.dtype | No
         h: the batch, (m, d_in).
         dtype: compute in this dtype (None: ``h``'s).
     """
-    values = torch.linalg.svdvals(example_jacobians(piece, h, dtype)).reshape(-1)
+    values = torch.linalg.svdvals(example_jacobians(piece, h, dtype).cpu()).reshape(-1)  # as above
     return values.sort(descending=True).values
 
 

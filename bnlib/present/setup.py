@@ -41,7 +41,9 @@ def setup(seed: int = 0, threads: int = 1, prefer: str | None = None) -> torch.d
     misspelt value fails here rather than silently running the quick scale.
 
     Float reductions can change with the number of threads, so the book runs with one
-    thread by default: stored outputs then match wherever they are re-executed on a CPU.
+    thread by default: stored outputs then match wherever they are re-executed on a CPU. On a GPU
+    it turns TF32 off (convolutions and matrix products in float32, not with a 10-bit mantissa),
+    so that CUDA computes in the precision the stored CPU outputs were made in.
 
     Args:
         seed: the seed of Python's, NumPy's and torch's generators.
@@ -55,5 +57,7 @@ def setup(seed: int = 0, threads: int = 1, prefer: str | None = None) -> torch.d
         raise ValueError(f"threads must be at least 1, got {threads}")
     scale()
     torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     seed_everything(seed)
     return pick_device(prefer)
