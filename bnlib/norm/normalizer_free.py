@@ -60,7 +60,7 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5, gain: float | None = N
     that the row has squared norm ``gain**2`` (up to eps).
 
     Args:
-        weight: a Linear (out, in) or convolution (out, in / groups, *kernel) weight.
+        weight: a Linear ``(out, in)`` or convolution ``(out, in / groups, *kernel)`` weight.
         eps: added to the variance (guards a constant row).
         gain: None for Qiao et al.'s form; a number for the scaled form (e.g. :data:`RELU_GAIN`).
 
