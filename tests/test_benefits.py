@@ -256,3 +256,30 @@ def test_finite_population_factor_matches_sampling_without_replacement():
     assert benefits.finite_population_factor(500, 1) == 1.0
     with pytest.raises(ValueError):
         benefits.finite_population_factor(10, 11)
+
+
+def test_test_at_validation_best_gives_the_same_choice_with_fewer_test_evaluations():
+    from bnlib.lab import data, sweeps
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(400, 10, generator=g), torch.randint(0, 3, (400,), generator=g)
+    y = torch.where(x[:, 0] > 0.5, 0, torch.where(x[:, 1] > 0, 1, 2))  # learnable
+    split = data.Split(x[:200], y[:200], x[300:], y[300:])
+    x_val, y_val = x[200:300], y[200:300]
+
+    def build(seed):
+        return models.mlp([10, 16, 3], "relu", bnlib.BatchNorm1d, generator=torch.Generator().manual_seed(seed))
+
+    kw = dict(steps=30, batch_size=20, record_every=3)
+    full = sweeps.lr_sweep(build, [0.05, 0.5, 5.0], [0, 1], split, **kw,
+                           recorders=[training.test_metrics(x_val, y_val, prefix="val_")])
+    rec = benefits.test_at_validation_best(x_val, y_val, split.x_test, split.y_test)
+    lazy = sweeps.lr_sweep(build, [0.05, 0.5, 5.0], [0, 1], split, **kw, record_test=False, recorders=[rec])
+    assert np.array_equal(benefits.steps_to(lazy, 0.6), benefits.steps_to(full, 0.6), equal_nan=True)
+    for values in (None, [0.05], [0.5], [5.0]):
+        a, b = (benefits.select_by_validation(sw, values=values) for sw in (full, lazy))
+        assert a.test.values == b.test.values and a.step.values == b.step.values
+        assert a.value.values == b.value.values
+    skipped = np.isnan(lazy.accuracy)
+    assert skipped.any() and not np.isnan(lazy.accuracy[:, :, 0]).any()  # step 0: always
+    assert np.array_equal(lazy.accuracy[~skipped], full.accuracy[~skipped])

@@ -135,6 +135,7 @@ def _run(
     recorders: Sequence[Recorder],
     record_at: Sequence[int],
     device: torch.device | str | None,
+    record_test: bool = True,
 ) -> Sweep:
     if len(values) == 0 or (seeds is not None and len(seeds) == 0):
         raise ValueError("need at least one value and one seed")
@@ -144,7 +145,7 @@ def _run(
     x_test, y_test = split.x_test, split.y_test
     if device is not None:
         x_test, y_test = x_test.to(device), y_test.to(device)
-    metrics = test_metrics(x_test, y_test)
+    metrics = [test_metrics(x_test, y_test)] if record_test else []
 
     def one_seed(seed: int) -> list[History]:
         """Every setting trained from this seed's initialization and mini-batch order."""
@@ -161,7 +162,7 @@ def _run(
                 opt = optimizer(model, lr) if optimizer is not None else None
                 row.append(train(
                     model, split.x_train, split.y_train, steps=steps, batch_size=batch_size, lr=lr,
-                    optimizer=opt, record_at=record, recorders=[metrics, *recorders], seed=seed, device=device,
+                    optimizer=opt, record_at=record, recorders=[*metrics, *recorders], seed=seed, device=device,
                 ))  # fmt: skip
         return row
 
@@ -191,6 +192,7 @@ def lr_sweep(
     recorders: Sequence[Recorder] = (),
     record_at: Sequence[int] = (),
     device: torch.device | str | None = None,
+    record_test: bool = True,
 ) -> Sweep:
     """Train ``build(seed)`` with every learning rate in ``lrs`` and every seed (None: the default seeds).
 
@@ -210,6 +212,9 @@ def lr_sweep(
         recorders: extra recorders, run at the recorded steps.
         record_at: further steps to record at.
         device: where to train (None: where ``build`` puts the model).
+        record_test: record test accuracy and loss at every recorded step (the default); False: a
+            recorder among ``recorders`` records ``accuracy`` and ``loss`` itself (NaN where it skips
+            a step), e.g. only at the steps a chapter can read them.
 
     Returns:
         A :class:`Sweep` over the learning rates.
@@ -218,7 +223,7 @@ def lr_sweep(
         raise ValueError(f"learning rates must be positive, got {list(lrs)}")
     return _run(
         lambda _value, seed: build(seed), lambda lr: lr, lrs, seeds, split, steps, batch_size, record_every,
-        optimizer, recorders, record_at, device,
+        optimizer, recorders, record_at, device, record_test,
     )  # fmt: skip
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "first_update",
     "Choice",
     "select_by_validation",
+    "test_at_validation_best",
     "steps_to",
     "trains",
     "largest_trained",
@@ -311,6 +312,40 @@ def select_by_validation(sweep: Sweep, key: str = "val_accuracy", values: Sequen
         value=Spread.of(sweep.values[np.asarray(cols)[v_idx]], sweep.seeds),
         step=Spread.of(np.asarray(sweep.steps)[r_idx], sweep.seeds),
     )
+
+
+def test_at_validation_best(x_val: Tensor, y_val: Tensor, x_test: Tensor, y_test: Tensor) -> Recorder:
+    """A recorder of validation accuracy and loss at every call, and of test accuracy and loss
+    only where :func:`select_by_validation` can choose the step.
+
+    Validation metrics are recorded as ``val_accuracy`` and ``val_loss``; test metrics as
+    ``accuracy`` and ``loss``, but only when the validation accuracy exceeds every earlier one of
+    the run (NaN otherwise). The first highest validation accuracy of a run is such a step, so the
+    test accuracy that :func:`select_by_validation` reads is the one recording it at every step
+    gives, with fewer test evaluations. Pass it to :func:`bnlib.lab.sweeps.lr_sweep` with
+    ``record_test=False``; a run is told from the previous one by its model (or by step 0).
+
+    Args:
+        x_val: validation inputs.
+        y_val: their class indices.
+        x_test: test inputs.
+        y_test: their class indices.
+    """
+    on_val, on_test = test_metrics(x_val, y_val, prefix="val_"), test_metrics(x_test, y_test)
+    run: dict[str, object] = {"model": None, "best": -np.inf}
+
+    def recorder(state: TrainState) -> dict[str, float]:
+        if state.model is not run["model"] or state.step == 0:
+            run.update(model=state.model, best=-np.inf)
+        values = dict(on_val(state))
+        if values["val_accuracy"] > run["best"]:
+            run["best"] = values["val_accuracy"]
+            values.update(on_test(state))
+        else:
+            values.update(accuracy=np.nan, loss=np.nan)
+        return values
+
+    return recorder
 
 
 def _records(sweep: Sweep, key: str) -> np.ndarray:
