@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from bnlib import norm
 from bnlib.lab.data import Split, index_batches
+from bnlib.lab.experiments import small_batches
 from bnlib.lab.measure import evaluate
 from bnlib.lab.models import he_init_
-from bnlib.lab.training import train
 from bnlib.norm.normalizer_free import (
     RELU_GAIN,
     NFResidual,
@@ -275,13 +275,11 @@ def fit(
     def clip(_: nn.Module) -> None:
         clipped[0] += adaptive_clip_grad_(body, clipping)
 
-    history = train(
-        model, x, y, batches=batches,
-        optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum, weight_decay=weight_decay),
-        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(len(batches), 1)),
+    losses = small_batches.fit(
+        model, x, y, batches, lr, momentum=momentum, weight_decay=weight_decay,
         before_step=clip if clipping is not None else None,
     )  # fmt: skip
-    return torch.from_numpy(history.train_loss), clipped[0] / (units * len(batches))
+    return losses, clipped[0] / (units * len(batches))
 
 
 def run(

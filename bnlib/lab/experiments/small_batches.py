@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ def fit(
     lr: float,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
+    before_step: Callable[[nn.Module], None] | None = None,
 ) -> Tensor:
     """The chapter's recipe on :func:`bnlib.lab.training.train`: SGD with momentum and weight decay over
     the given index ``batches``, the learning rate following a cosine from ``lr`` to 0 over them.
@@ -49,6 +50,8 @@ def fit(
         lr: the initial learning rate.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
+        before_step: called with the model after each backward pass, before the update (e.g.
+            gradient clipping); None for none.
 
     Returns:
         The training losses, one per step (on the CPU).
@@ -57,6 +60,7 @@ def fit(
         model, x, y, batches=batches,
         optimizer=lambda p: torch.optim.SGD(p, lr=lr, momentum=momentum, weight_decay=weight_decay),
         scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(len(batches), 1)),
+        before_step=before_step,
     )  # fmt: skip
     return torch.from_numpy(history.train_loss)
 
