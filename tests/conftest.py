@@ -21,3 +21,11 @@ def checkout_copy(tmp_path: Path) -> Path:
         else:
             shutil.copy2(source, copy / name)
     return copy
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rng() -> None:
+    """Every test starts from the same global torch RNG state, whichever worker runs it and in what order."""
+    import torch
+
+    torch.manual_seed(0)
