@@ -19,9 +19,28 @@ def test_over_seeds_runs_each_seed_once_in_order_and_keeps_every_result():
 
 def test_over_seeds_defaults_to_three_seeds_and_five_at_full_scale(monkeypatch):
     monkeypatch.delenv("BNBOOK_SCALE", raising=False)
+    monkeypatch.delenv("BNBOOK_FIRST_SEED", raising=False)
     assert over_seeds(lambda s: s).seeds == (0, 1, 2)
     monkeypatch.setenv("BNBOOK_SCALE", "full")
     assert default_seeds() == [0, 1, 2, 3, 4]
+
+
+def test_first_seed_moves_every_default_seed_at_both_scales(monkeypatch):
+    monkeypatch.delenv("BNBOOK_SCALE", raising=False)
+    monkeypatch.setenv("BNBOOK_FIRST_SEED", "3")
+    assert default_seeds() == [3, 4, 5]
+    assert over_seeds(lambda s: s).seeds == (3, 4, 5)
+    monkeypatch.setenv("BNBOOK_SCALE", "full")
+    assert default_seeds() == [3, 4, 5, 6, 7]
+    monkeypatch.setenv("BNBOOK_FIRST_SEED", "")
+    assert default_seeds() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("value", ["-1", "three", "1.5"])
+def test_first_seed_rejects_what_is_not_a_non_negative_integer(monkeypatch, value):
+    monkeypatch.setenv("BNBOOK_FIRST_SEED", value)
+    with pytest.raises(ValueError, match="BNBOOK_FIRST_SEED must be a non-negative integer"):
+        default_seeds()
 
 
 @pytest.mark.parametrize("seeds, match", [([], "at least one"), ([1, 1], "distinct")])

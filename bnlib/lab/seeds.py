@@ -16,6 +16,7 @@ a new seed (new initialization *and* new mini-batches) does.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -24,7 +25,17 @@ import numpy as np
 
 from bnlib.lab.scale import full_scale
 
-__all__ = ["QUICK_SEEDS", "FULL_SEEDS", "SeedRuns", "Spread", "default_seeds", "over_seeds", "seeds_used"]
+__all__ = [
+    "QUICK_SEEDS",
+    "FULL_SEEDS",
+    "FIRST_SEED_VARIABLE",
+    "SeedRuns",
+    "Spread",
+    "default_seeds",
+    "first_seed",
+    "over_seeds",
+    "seeds_used",
+]
 
 T = TypeVar("T")
 
@@ -32,6 +43,8 @@ T = TypeVar("T")
 QUICK_SEEDS = 3
 #: seeds per training claim at the full scale (``BNBOOK_SCALE=full``)
 FULL_SEEDS = 5
+#: the environment variable that moves the seeds: ``BNBOOK_FIRST_SEED=3`` runs seeds 3, 4, 5
+FIRST_SEED_VARIABLE = "BNBOOK_FIRST_SEED"
 
 _runs_in_this_process: list[tuple[int, ...]] = []  # the seeds of every over_seeds call, for the status page
 
@@ -47,8 +60,25 @@ def seeds_used() -> dict:
     return {"experiments": len(_runs_in_this_process), "seeds": seeds, "fewest_seeds": fewest}
 
 
+def first_seed() -> int:
+    """The first of the consecutive seeds: 0, or the value of ``BNBOOK_FIRST_SEED``.
+
+    Running a chapter with ``BNBOOK_FIRST_SEED=3`` repeats every experiment on other seeds
+    (3, 4, 5), which checks that its claims are about batch normalization and not about seeds 0-2.
+    """
+    text = os.environ.get(FIRST_SEED_VARIABLE, "0").strip() or "0"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{FIRST_SEED_VARIABLE} must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"{FIRST_SEED_VARIABLE} must be a non-negative integer, got {value}")
+    return value
+
+
 def default_seeds(quick: int = QUICK_SEEDS, full: int = FULL_SEEDS) -> list[int]:
-    """Seeds 0, 1, ... : ``quick`` of them by default, ``full`` when ``BNBOOK_SCALE=full``.
+    """Consecutive seeds from :func:`first_seed` (0 unless ``BNBOOK_FIRST_SEED`` is set): ``quick``
+    of them by default, ``full`` when ``BNBOOK_SCALE=full``.
 
     Args:
         quick: how many seeds at the quick scale (at least 1).
@@ -56,7 +86,8 @@ def default_seeds(quick: int = QUICK_SEEDS, full: int = FULL_SEEDS) -> list[int]
     """
     if quick < 1 or full < quick:
         raise ValueError(f"need 1 <= quick <= full, got quick={quick}, full={full}")
-    return list(range(full if full_scale() else quick))
+    start = first_seed()
+    return list(range(start, start + (full if full_scale() else quick)))
 
 
 @dataclass(frozen=True)
