@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NOTEBOOKS := $(wildcard book/*.ipynb)
 
 .PHONY: book test unit workflows linkcheck notebooks screenshots refresh lock vendor clean notebooks-other-cpus \
-	unit-other-cpus planted-bugs
+	unit-other-cpus planted-bugs other-seeds
 
 # Notebook tests: nbval re-executes every chapter and compares its outputs (tests/portable_outputs.py:
 # exact for mathematics, within declared tolerances for results of training), one notebook per worker.
@@ -78,6 +78,11 @@ unit-other-cpus: $(STAMP)
 	$(CPU_AVX2) $(UNIT)
 	@echo "unit tests on a simulated baseline (SSE) CPU"
 	$(CPU_BASELINE) $(UNIT)
+
+## Execute the chapters that train on seeds 3-5 and 6-8 and list every check that fails there
+## (nothing is written back; about a quarter of an hour on 2 cores; the weekly workflow runs it).
+other-seeds: $(STAMP)
+	$(PY) scripts/other_seeds.py $(NB)
 
 ## Plant known bugs in a copy of the library and require the tests to catch each one.
 planted-bugs: $(STAMP)
