@@ -43,7 +43,7 @@ T = TypeVar("T")
 QUICK_SEEDS = 3
 #: seeds per training claim at the full scale (``BNBOOK_SCALE=full``)
 FULL_SEEDS = 5
-#: the environment variable that moves the seeds: ``BNBOOK_FIRST_SEED=3`` runs seeds 3, 4, 5
+#: the environment variable that moves the seeds (``BNBOOK_FIRST_SEED=3`` runs seeds 3, 4 and 5)
 FIRST_SEED_VARIABLE = "BNBOOK_FIRST_SEED"
 
 _runs_in_this_process: list[tuple[int, ...]] = []  # the seeds of every over_seeds call, for the status page
