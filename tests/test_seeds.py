@@ -74,3 +74,10 @@ def test_spread_needs_values_matching_seeds():
         Spread.of([])
     with pytest.raises(ValueError, match="2 values for 3 seeds"):
         Spread((1.0, 2.0), (0, 1, 2))
+
+
+def test_geometric_mean_averages_ratios_symmetrically_and_rejects_non_positive_values():
+    assert Spread.of([2.0, 0.5]).geometric_mean == pytest.approx(1.0)
+    assert Spread.of([1.0, 4.0, 16.0]).geometric_mean == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="positive values"):
+        _ = Spread.of([1.0, 0.0]).geometric_mean

@@ -134,6 +134,17 @@ class Spread:
         return float(np.mean(self.values))
 
     @property
+    def geometric_mean(self) -> float:
+        """The geometric mean over the seeds, the mean for ratios (2 and 1/2 average to 1).
+
+        Raises:
+            ValueError: if a value is not positive.
+        """
+        if min(self.values) <= 0:
+            raise ValueError(f"a geometric mean needs positive values, got {self.values}")
+        return float(np.exp(np.mean(np.log(self.values))))
+
+    @property
     def min(self) -> float:
         """The smallest value."""
         return float(np.min(self.values))
